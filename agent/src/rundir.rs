@@ -1,0 +1,360 @@
+//! Run directories: `runs/<runId>/` holds what runbooks read after the fact.
+//!
+//! Format version [`RUNDIR_FORMAT`] (documented in the README):
+//! - `launch.json` — the launch as received (written once, atomically);
+//! - `events.jsonl` — every event, one JSON object a line (`seq`, `timeUnixMs`, `body`),
+//!   appended before the event is sent;
+//! - `<step>.log` — the plain log lines of each step;
+//! - `result.json` — the final result (written once, atomically);
+//! - `delivered` — present once the controller acknowledged every event.
+//!
+//! The run id is a validated DNS label, so it cannot name anything outside `runs/`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use unidesk_protocol::{
+    Event, EventBody, Launch, LaunchId, LaunchKind, LaunchStatus, RunFile, RunId, Step,
+};
+
+use crate::atomic::write_file;
+
+/// The version of the run directory format.
+pub const RUNDIR_FORMAT: u32 = 1;
+
+/// A run directory operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is malformed: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    #[error("run {0} does not exist")]
+    NotFound(RunId),
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + use<> {
+    let path = path.to_path_buf();
+    move |source| RunDirError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// One line of `events.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventLine {
+    pub seq: u64,
+    pub time_unix_ms: u64,
+    pub body: EventBody,
+}
+
+/// `result.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunResult {
+    pub format: u32,
+    pub ok: bool,
+    pub status: LaunchStatus,
+    pub run_id: RunId,
+    pub launch_id: LaunchId,
+    pub kind: LaunchKind,
+    pub service: Option<String>,
+    pub requested_commit: Option<String>,
+    pub resolved_commit: Option<String>,
+    pub image: Option<String>,
+    pub image_id: Option<String>,
+    /// Milliseconds each step took, in the order they ran.
+    pub timings: Vec<StepTiming>,
+    pub error: Option<String>,
+    pub finished_unix_ms: u64,
+}
+
+/// How long one step took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepTiming {
+    pub step: Step,
+    pub millis: u64,
+    pub ok: bool,
+}
+
+/// The runs directory.
+#[derive(Debug, Clone)]
+pub struct Runs {
+    root: PathBuf,
+}
+
+impl Runs {
+    /// Opens (creating) the runs directory.
+    pub fn open(root: &Path) -> Result<Self, RunDirError> {
+        std::fs::create_dir_all(root).map_err(io("create", root))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The directory of one run.
+    pub fn dir(&self, run: &RunId) -> PathBuf {
+        self.root.join(run.as_str())
+    }
+
+    /// Creates a run directory and records its launch.
+    pub fn create(&self, launch: &Launch) -> Result<RunWriter, RunDirError> {
+        let dir = self.dir(&launch.run_id);
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let path = dir.join("launch.json");
+        let bytes = serde_json::to_vec_pretty(launch).map_err(|e| RunDirError::Malformed {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_file(&path, &bytes, 0o644).map_err(io("write", &path))?;
+        RunWriter::open(dir)
+    }
+
+    /// Every run on disk with its launch, result (if finished) and last event seq.
+    pub fn scan(&self) -> Result<Vec<RunOnDisk>, RunDirError> {
+        let mut runs = Vec::new();
+        let entries = std::fs::read_dir(&self.root).map_err(io("list", &self.root))?;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let launch_path = dir.join("launch.json");
+            let Ok(bytes) = std::fs::read(&launch_path) else {
+                continue;
+            };
+            let launch: Launch = match serde_json::from_slice(&bytes) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(path = %launch_path.display(), error = %e, "skipping malformed run");
+                    continue;
+                }
+            };
+            let result = read_json::<RunResult>(&dir.join("result.json"))?;
+            let last_seq = read_events(&dir, 0)?.last().map_or(0, |e| e.seq);
+            runs.push(RunOnDisk {
+                delivered: dir.join("delivered").exists(),
+                launch,
+                result,
+                last_seq,
+                dir,
+            });
+        }
+        Ok(runs)
+    }
+
+    /// Reads the tail of one file of a run, at most `max_bytes`.
+    pub fn read_tail(
+        &self,
+        run: &RunId,
+        file: RunFile,
+        max_bytes: u32,
+    ) -> Result<(Vec<u8>, bool), RunDirError> {
+        let dir = self.dir(run);
+        if !dir.join("launch.json").exists() {
+            return Err(RunDirError::NotFound(run.clone()));
+        }
+        let name = match file {
+            RunFile::Result => "result.json".to_string(),
+            RunFile::Events => "events.jsonl".to_string(),
+            RunFile::StepLog(step) => format!("{}.log", step.name()),
+        };
+        let path = dir.join(name);
+        let mut f = File::open(&path).map_err(io("open", &path))?;
+        let len = f.metadata().map_err(io("stat", &path))?.len();
+        let start = len.saturating_sub(u64::from(max_bytes));
+        f.seek(SeekFrom::Start(start)).map_err(io("seek", &path))?;
+        let mut buf = Vec::new();
+        f.take(u64::from(max_bytes))
+            .read_to_end(&mut buf)
+            .map_err(io("read", &path))?;
+        Ok((buf, start > 0))
+    }
+}
+
+/// What a scan found of one run.
+#[derive(Debug, Clone)]
+pub struct RunOnDisk {
+    pub dir: PathBuf,
+    pub launch: Launch,
+    pub result: Option<RunResult>,
+    pub last_seq: u64,
+    pub delivered: bool,
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, RunDirError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| RunDirError::Malformed {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", path)(e)),
+    }
+}
+
+/// The events of a run after `after_seq`, stopping at a torn last line.
+pub fn read_events(dir: &Path, after_seq: u64) -> Result<Vec<EventLine>, RunDirError> {
+    let path = dir.join("events.jsonl");
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("open", &path)(e)),
+    };
+    let mut events = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(io("read", &path))?;
+        let Ok(event) = serde_json::from_str::<EventLine>(&line) else {
+            break;
+        };
+        if event.seq > after_seq {
+            events.push(event);
+        }
+    }
+    Ok(events)
+}
+
+/// Appends to one run's files.
+#[derive(Debug)]
+pub struct RunWriter {
+    dir: PathBuf,
+    events: File,
+}
+
+impl RunWriter {
+    /// Opens the files of an existing run directory for appending, cutting a torn last line.
+    pub fn open(dir: PathBuf) -> Result<Self, RunDirError> {
+        let path = dir.join("events.jsonl");
+        let mut events = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        let mut text = Vec::new();
+        events.read_to_end(&mut text).map_err(io("read", &path))?;
+        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if complete < text.len() {
+            events
+                .set_len(complete as u64)
+                .map_err(io("truncate", &path))?;
+        }
+        Ok(Self { dir, events })
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends one event (and, for a step's log line, the step log). Written before sending.
+    pub fn append(&mut self, event: &Event) -> Result<(), RunDirError> {
+        let line = EventLine {
+            seq: event.seq,
+            time_unix_ms: event.time_unix_ms,
+            body: event.body.clone(),
+        };
+        let path = self.dir.join("events.jsonl");
+        let mut bytes = serde_json::to_vec(&line).map_err(|e| RunDirError::Malformed {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        bytes.push(b'\n');
+        self.events
+            .write_all(&bytes)
+            .map_err(io("append to", &path))?;
+        if let EventBody::Log {
+            step: Some(step),
+            line,
+        } = &event.body
+        {
+            let path = self.dir.join(format!("{}.log", step.name()));
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&path)
+                .map_err(io("open", &path))?;
+            f.write_all(format!("{line}\n").as_bytes())
+                .map_err(io("append to", &path))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `result.json` atomically.
+    pub fn write_result(&self, result: &RunResult) -> Result<(), RunDirError> {
+        let path = self.dir.join("result.json");
+        let mut bytes = serde_json::to_vec_pretty(result).map_err(|e| RunDirError::Malformed {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        bytes.push(b'\n');
+        self.events.sync_data().map_err(io("sync", &path))?;
+        write_file(&path, &bytes, 0o644).map_err(io("write", &path))
+    }
+
+    /// Marks every event as acknowledged by the controller.
+    pub fn mark_delivered(&self) -> Result<(), RunDirError> {
+        let path = self.dir.join("delivered");
+        write_file(&path, b"", 0o644).map_err(io("write", &path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unidesk_protocol::{LaunchSpec, ProbeSpec};
+
+    #[test]
+    fn a_run_reads_back_after_a_torn_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = Runs::open(dir.path()).unwrap();
+        let launch = Launch {
+            launch_id: LaunchId::new("l1").unwrap(),
+            run_id: RunId::new("r1").unwrap(),
+            deadline_unix_ms: 1,
+            spec: LaunchSpec::Probe(ProbeSpec { echo_lines: 0 }),
+        };
+        let mut w = runs.create(&launch).unwrap();
+        for seq in 1..=3 {
+            w.append(&Event {
+                launch_id: launch.launch_id.clone(),
+                seq,
+                time_unix_ms: 0,
+                body: EventBody::Log {
+                    step: Some(Step::Probe),
+                    line: format!("l{seq}"),
+                },
+            })
+            .unwrap();
+        }
+        drop(w);
+        let path = runs.dir(&launch.run_id).join("events.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":4,").unwrap();
+        let scan = runs.scan().unwrap();
+        assert_eq!(scan.len(), 1);
+        assert_eq!(scan[0].last_seq, 3);
+        assert!(scan[0].result.is_none());
+        let _w = RunWriter::open(runs.dir(&launch.run_id)).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("}\n"));
+        let (tail, cut) = runs
+            .read_tail(&launch.run_id, RunFile::StepLog(Step::Probe), 3)
+            .unwrap();
+        assert_eq!((tail, cut), (b"l3\n".to_vec(), true));
+        let missing = RunId::new("nope").unwrap();
+        assert!(matches!(
+            runs.read_tail(&missing, RunFile::Result, 10),
+            Err(RunDirError::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,290 @@
+//! The operator CLI of `unidesk-controller`: argument parsing and one function per verb
+//! group. Job, deploy and CI verbs print JSON on stdout; exit status says how it went
+//! (0 ok, 1 the job failed, 2 bad input, 3 the controller or agent is unreachable).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use unidesk_protocol::AgentId;
+
+use crate::config::{ControllerConfig, DEFAULT_CONFIG};
+
+pub mod deploy;
+pub(crate) mod jobs;
+pub mod output;
+
+/// A CLI failure with its exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad arguments, config or input (exit 2).
+    #[error("{0:#}")]
+    Input(anyhow::Error),
+    /// The controller or an agent cannot be reached (exit 3).
+    #[error("{0:#}")]
+    Unreachable(anyhow::Error),
+    /// The operation ran and failed (exit 1).
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
+impl CliError {
+    /// The process exit status for this failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Failed(_) => 1,
+            CliError::Input(_) => 2,
+            CliError::Unreachable(_) => 3,
+        }
+    }
+}
+
+/// `unidesk-controller`
+#[derive(Debug, Parser)]
+#[command(
+    name = "unidesk-controller",
+    version,
+    about = "Deploy controller for UniDesk nodes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Controller configuration file.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+impl ConfigArg {
+    fn load(&self) -> Result<ControllerConfig, CliError> {
+        ControllerConfig::load(&self.config).map_err(|e| CliError::Input(e.into()))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a working loopback setup: CA, server certificate, controller and agent configs.
+    Init {
+        /// Directory to write into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Agent ids, comma separated (e.g. d601,d518).
+        #[arg(long, value_delimiter = ',', required = true)]
+        agents: Vec<AgentId>,
+        /// Gateway listen address.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: std::net::SocketAddr,
+        /// Egress proxy port of the first agent; each further agent gets the next port.
+        #[arg(long, default_value_t = 18789)]
+        proxy_port: u16,
+        /// Egress allowlist entry (repeatable), e.g. `github.com:443` or `cidr:127.0.0.0/8`.
+        #[arg(long = "egress-allow")]
+        egress_allow: Vec<String>,
+    },
+    /// Run the gateway, the admin socket and the job store.
+    Serve(ConfigArg),
+    /// List connected agents as JSON.
+    Agents(ConfigArg),
+    /// Launch a probe on an agent (facts and reachability; optionally echo log lines).
+    Probe {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        agent: AgentId,
+        /// Numbered log lines the agent echoes back as events.
+        #[arg(long, default_value_t = 0)]
+        echo_lines: u32,
+        /// Wait up to this long for the job to finish.
+        #[arg(long)]
+        wait_ms: Option<u64>,
+        /// Deadline of the launch.
+        #[arg(long, default_value_t = 600_000)]
+        deadline_ms: u64,
+    },
+    /// Inspect and control jobs.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Desired-state deploys.
+    #[command(subcommand)]
+    Deploy(DeployCommand),
+    /// Run the embedded default end to end: a controller, an agent, a sample service in a
+    /// local Git repository, two deploys and their verification.
+    Demo {
+        /// Directory for the demo's setup, repository and state (default: a new temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DesiredArgs {
+    /// A local deploy.json (the compatibility path; environment mode reads fixed refs).
+    #[arg(long)]
+    pub file: PathBuf,
+    /// config.json (default: `desired.catalog` of the controller config).
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
+    /// Only this service.
+    #[arg(long)]
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeployCommand {
+    /// Build and replace services on their nodes; prints job ids at once unless --wait-ms.
+    Apply {
+        #[command(flatten)]
+        desired: DesiredArgs,
+        /// Resolve and plan on the node, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rebuild and replace even when the live commit matches.
+        #[arg(long)]
+        force: bool,
+        /// Wait up to this long for every job to finish.
+        #[arg(long)]
+        wait_ms: Option<u64>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// The plan: desired commit, node and action per service.
+    Plan {
+        #[command(flatten)]
+        desired: DesiredArgs,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// A job's record and the tail of its log.
+    Status {
+        job_id: String,
+        #[arg(long, default_value_t = 30_000)]
+        tail_bytes: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Every job, oldest first.
+    List(ConfigArg),
+    /// A job's log as text.
+    Logs {
+        job_id: String,
+        /// Keep printing new lines until the job ends.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Ask the agent to stop a job.
+    Cancel {
+        job_id: String,
+        #[arg(long, default_value = "cancelled by operator")]
+        reason: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// Runs one CLI invocation.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Init {
+            dir,
+            agents,
+            listen,
+            proxy_port,
+            egress_allow,
+        } => {
+            let report = crate::init::init(&crate::init::InitPlan {
+                dir,
+                agents,
+                listen,
+                proxy_port,
+                egress_allow,
+            })
+            .map_err(|e| CliError::Input(e.into()))?;
+            output::json(&report);
+            Ok(())
+        }
+        Command::Serve(c) => {
+            let config = c.load()?;
+            let bound = crate::serve::bind(&config).await.map_err(CliError::Input)?;
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                stop.cancel();
+            });
+            bound.run(cancel).await;
+            Ok(())
+        }
+        Command::Agents(c) => {
+            let config = c.load()?;
+            let data = jobs::admin(&config, &crate::admin::AdminRequest::Agents).await?;
+            output::json(&data);
+            Ok(())
+        }
+        Command::Probe {
+            config,
+            agent,
+            echo_lines,
+            wait_ms,
+            deadline_ms,
+        } => {
+            let config = config.load()?;
+            let request = crate::admin::AdminRequest::probe(agent, echo_lines, deadline_ms);
+            jobs::launch(&config, &request, wait_ms.map(Duration::from_millis)).await
+        }
+        Command::Job(job) => jobs::run(job).await,
+        Command::Deploy(DeployCommand::Apply {
+            desired,
+            dry_run,
+            force,
+            wait_ms,
+            config,
+        }) => {
+            let config = config.load()?;
+            let catalog = deploy::load_catalog(&config, desired.catalog.as_deref())?;
+            let manifest = deploy::load_manifest(&desired.file)?;
+            let options = deploy::ApplyOptions {
+                service: desired.service,
+                force,
+                dry_run,
+                wait: wait_ms.map(Duration::from_millis),
+            };
+            deploy::apply_and_report(&config, &manifest, &catalog, &options)
+                .await
+                .map(|_| ())
+        }
+        Command::Deploy(DeployCommand::Plan { desired, config }) => {
+            let config = config.load()?;
+            let catalog = deploy::load_catalog(&config, desired.catalog.as_deref())?;
+            let manifest = deploy::load_manifest(&desired.file)?;
+            let plan = deploy::plan_file(&manifest, &catalog, desired.service.as_deref())?;
+            deploy::print_plan(&plan);
+            Ok(())
+        }
+        Command::Demo { dir } => crate::demo::run(dir).await,
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,910 @@
+//! The planner: `deploy.json` services joined with the `config.json` catalog and the observed
+//! live state give, per service, what would happen (`noop`, `deploy`, `unsupported`, or
+//! `unknown` with the reason), plus the guards an apply must pass and the typed launch spec.
+//!
+//! Everything here is a pure function of its arguments. It must not ask agents, read files,
+//! fetch Git or resolve commits; the callers do, and pass the results in. It never chooses
+//! `deploy` when it could not see the live state.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+use unidesk_protocol::{AgentId, BuildBase, DeploySpec, ExecutorSpec};
+
+use super::catalog::{Catalog, Deployment, DeploymentMode};
+use super::manifest::{Environment, ServiceEntry};
+
+/// Build deadline used when the catalog gives none: 30 minutes.
+pub const DEFAULT_BUILD_TIMEOUT_MS: u64 = 30 * 60 * 1_000;
+
+/// What an agent reported about one service, or why it could not be asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// The agent answered. `commit` is the full SHA the running service proves (image label
+    /// or Deployment annotation); `None` when nothing runs or nothing is stamped.
+    Live { commit: Option<String> },
+    /// The node's agent could not be asked.
+    Unreachable { reason: String },
+}
+
+/// The live state of the services, by service id. A service absent here was not observed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveState {
+    pub services: BTreeMap<String, Observation>,
+}
+
+impl LiveState {
+    /// Records what was observed for `service`.
+    pub fn observe(&mut self, service: impl Into<String>, observation: Observation) {
+        self.services.insert(service.into(), observation);
+    }
+}
+
+/// The intended action for one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Action {
+    /// The live service already runs the requested commit.
+    Noop,
+    /// The live service runs another commit, or nothing.
+    Deploy,
+    /// The planner cannot manage the service (no Dockerfile, no deployment in this
+    /// environment).
+    Unsupported { reason: String },
+    /// The live state could not be seen; never treated as `deploy`.
+    Unknown { reason: String },
+}
+
+impl Action {
+    /// The action's name as printed: `noop`, `deploy`, `unsupported` or `unknown`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Noop => "noop",
+            Action::Deploy => "deploy",
+            Action::Unsupported { .. } => "unsupported",
+            Action::Unknown { .. } => "unknown",
+        }
+    }
+}
+
+/// One line of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedService {
+    pub id: String,
+    /// Repository from `deploy.json`, the version authority.
+    pub repo: String,
+    pub requested_commit: String,
+    /// The full SHA when already known (a full `commitId`); short ones resolve on the node.
+    pub resolved_commit: Option<String>,
+    pub node: Option<String>,
+    pub agent: Option<AgentId>,
+    pub mode: Option<DeploymentMode>,
+    /// The Kubernetes namespace a k3s service is applied to.
+    pub namespace: Option<String>,
+    /// The image that would be built.
+    pub image: Option<String>,
+    pub live_commit: Option<String>,
+    #[serde(flatten)]
+    pub action: Action,
+    /// The environment this line was planned for (also on the [`Plan`]).
+    #[serde(skip)]
+    pub environment: Option<Environment>,
+    /// The deployment this line uses, when there is one.
+    #[serde(skip)]
+    pub deployment: Option<Deployment>,
+}
+
+/// A whole plan: the environment facts and one line per service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub environment: Option<Environment>,
+    /// The fixed desired-state ref of the environment.
+    pub desired_ref: Option<&'static str>,
+    pub namespace: Option<String>,
+    pub database_fingerprint: Option<String>,
+    pub provider_identity: Option<String>,
+    pub services: Vec<PlannedService>,
+}
+
+/// One service an apply guard refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub service: String,
+    pub why: String,
+}
+
+/// Refusals shown as `a (why); b (why)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusals(pub Vec<Refusal>);
+
+impl fmt::Display for Refusals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{} ({})", r.service, r.why)?;
+        }
+        Ok(())
+    }
+}
+
+/// A plan or apply that cannot go ahead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// `deploy.json` lists a service `config.json` does not describe.
+    #[error("deploy.json {path}: service {id:?} is not in config.json microservices")]
+    ServiceNotInConfig { id: String, path: String },
+    /// `--service` names a service the manifest does not list.
+    #[error("--service {id:?} is not in deploy.json (it lists: {listed})")]
+    ServiceNotInManifest { id: String, listed: String },
+    /// Any `--env prod` apply.
+    #[error(
+        "deploy apply --env prod is disabled: the production executor and authorization policy \
+         do not exist yet, and no config value, flag or manifest field enables it"
+    )]
+    ProdApplyDisabled,
+    /// The apply set holds services the guards refuse.
+    #[error("{command} refused before any change: {refused}; narrow the set with --service")]
+    ApplyRefused { command: String, refused: Refusals },
+    /// The plan was made for another environment than the apply names.
+    #[error("the plan is for {planned} but the apply is for {requested}")]
+    EnvironmentMismatch { planned: String, requested: String },
+    /// The executor of this mode is not built yet.
+    #[error("service {service:?}: the {mode} executor is not built yet")]
+    ExecutorNotBuilt {
+        service: String,
+        mode: DeploymentMode,
+    },
+    /// The service cannot be turned into a launch spec.
+    #[error("service {service:?} cannot be deployed: {why}")]
+    NotDeployable { service: String, why: String },
+}
+
+fn env_name(env: Option<Environment>) -> String {
+    match env {
+        Some(e) => format!("--env {e}"),
+        None => "the local file".to_owned(),
+    }
+}
+
+fn is_full_sha(s: &str) -> bool {
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Plans `manifest_services` (already chosen for `env`) against `catalog` and `live`.
+///
+/// Every manifest service must be in the catalog, even when `filter` narrows the plan to one
+/// service: an inconsistent manifest is an error, not a partial plan.
+pub fn plan(
+    manifest_services: &[ServiceEntry],
+    catalog: &Catalog,
+    env: Option<Environment>,
+    filter: Option<&str>,
+    live: &LiveState,
+) -> Result<Plan, PlanError> {
+    for (i, entry) in manifest_services.iter().enumerate() {
+        if catalog.service(&entry.id).is_none() {
+            return Err(PlanError::ServiceNotInConfig {
+                id: entry.id.clone(),
+                path: format!("services[{i}]"),
+            });
+        }
+    }
+    if let Some(id) = filter
+        && !manifest_services.iter().any(|s| s.id == id)
+    {
+        return Err(not_in_manifest(
+            id,
+            manifest_services.iter().map(|s| s.id.as_str()),
+        ));
+    }
+    let services = manifest_services
+        .iter()
+        .filter(|s| filter.is_none_or(|id| s.id == id))
+        .map(|entry| plan_service(entry, catalog, env, live))
+        .collect();
+    let env_config = env.and_then(|e| catalog.environment(e));
+    Ok(Plan {
+        environment: env,
+        desired_ref: env.map(Environment::desired_ref),
+        namespace: env_config.map(|c| c.namespace.clone()),
+        database_fingerprint: env_config.map(|c| c.database_fingerprint.clone()),
+        provider_identity: env_config.map(|c| c.provider_identity.clone()),
+        services,
+    })
+}
+
+fn not_in_manifest<'a>(id: &str, listed: impl Iterator<Item = &'a str>) -> PlanError {
+    let listed: Vec<&str> = listed.collect();
+    PlanError::ServiceNotInManifest {
+        id: id.to_owned(),
+        listed: if listed.is_empty() {
+            "nothing".to_owned()
+        } else {
+            listed.join(", ")
+        },
+    }
+}
+
+fn plan_service(
+    entry: &ServiceEntry,
+    catalog: &Catalog,
+    env: Option<Environment>,
+    live: &LiveState,
+) -> PlannedService {
+    let mut line = PlannedService {
+        id: entry.id.clone(),
+        repo: entry.repo.clone(),
+        requested_commit: entry.commit_id.clone(),
+        resolved_commit: entry.full_commit().map(str::to_owned),
+        node: None,
+        agent: None,
+        mode: None,
+        namespace: None,
+        image: None,
+        live_commit: None,
+        action: Action::Deploy,
+        environment: env,
+        deployment: None,
+    };
+    let Some(deployment) = catalog.deployment_for(&entry.id, env) else {
+        let env = env.map_or_else(|| "the base".to_owned(), |e| e.to_string());
+        line.action = Action::Unsupported {
+            reason: format!(
+                "config.json has no {env} deployment for {id} (environments.{env}.deployments.{id})",
+                id = entry.id
+            ),
+        };
+        return line;
+    };
+    let node = catalog.node(&deployment.node);
+    line.node = Some(deployment.node.clone());
+    line.agent = node.map(|n| n.agent.clone());
+    line.mode = Some(deployment.mode);
+    line.namespace = deployment.k8s.as_ref().map(|k| k.namespace.clone());
+    line.image = deployment.image_for(env);
+    line.deployment = Some(deployment.clone());
+
+    line.action = if deployment.dockerfile.is_none() {
+        Action::Unsupported {
+            reason: "no Dockerfile source artifact: an image-only service must be wrapped in a \
+                     source repository with a Dockerfile before it can be built on its node"
+                .to_owned(),
+        }
+    } else if node.is_none() {
+        Action::Unknown {
+            reason: format!("node {:?} is not in config.json nodes", deployment.node),
+        }
+    } else {
+        match live.services.get(&entry.id) {
+            None => Action::Unknown {
+                reason: "the live state of this service was not observed".to_owned(),
+            },
+            Some(Observation::Unreachable { reason }) => Action::Unknown {
+                reason: format!(
+                    "node {} (agent {}) cannot be asked: {reason}",
+                    deployment.node,
+                    line.agent.as_ref().map_or("?", AgentId::as_str)
+                ),
+            },
+            Some(Observation::Live { commit: None }) => Action::Deploy,
+            Some(Observation::Live {
+                commit: Some(commit),
+            }) => {
+                line.live_commit = Some(commit.clone());
+                if !is_full_sha(commit) {
+                    Action::Unknown {
+                        reason: format!("the live commit {commit:?} is not a full 40-hex SHA"),
+                    }
+                } else if commit.starts_with(&entry.commit_id) {
+                    Action::Noop
+                } else {
+                    Action::Deploy
+                }
+            }
+        }
+    };
+    line
+}
+
+/// The checks an apply must pass before anything changes.
+///
+/// `--env prod` is always refused. Otherwise the set (the whole plan, or only `service`) must
+/// hold no unsupported service, and under `--env dev` only services listed in
+/// `environments.dev.applyServices`.
+pub fn apply_guard(
+    env: Option<Environment>,
+    plan: &Plan,
+    catalog: &Catalog,
+    service: Option<&str>,
+) -> Result<(), PlanError> {
+    // First and unconditional: nothing in the plan, config or flags can enable prod apply.
+    if env == Some(Environment::Prod) || plan.environment == Some(Environment::Prod) {
+        return Err(PlanError::ProdApplyDisabled);
+    }
+    if plan.environment != env {
+        return Err(PlanError::EnvironmentMismatch {
+            planned: env_name(plan.environment),
+            requested: env_name(env),
+        });
+    }
+    let set: Vec<&PlannedService> = plan
+        .services
+        .iter()
+        .filter(|s| service.is_none_or(|id| s.id == id))
+        .collect();
+    if let Some(id) = service
+        && set.is_empty()
+    {
+        return Err(not_in_manifest(
+            id,
+            plan.services.iter().map(|s| s.id.as_str()),
+        ));
+    }
+    let enabled: Option<&[String]> = env.map(|e| {
+        catalog
+            .environment(e)
+            .map_or(&[][..], |c| c.apply_services.as_slice())
+    });
+    let mut refused = Vec::new();
+    for line in set {
+        let mut why = Vec::new();
+        if let Action::Unsupported { reason } = &line.action {
+            why.push(format!("unsupported: {reason}"));
+        }
+        if let (Some(e), Some(enabled)) = (env, enabled)
+            && !enabled.contains(&line.id)
+        {
+            why.push(format!("not in config.json environments.{e}.applyServices"));
+        }
+        if !why.is_empty() {
+            refused.push(Refusal {
+                service: line.id.clone(),
+                why: why.join(", "),
+            });
+        }
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let command = match env {
+        Some(e) => format!("deploy apply --env {e}"),
+        None => "deploy apply".to_owned(),
+    };
+    Err(PlanError::ApplyRefused {
+        command,
+        refused: Refusals(refused),
+    })
+}
+
+/// The typed launch spec for one planned service. Only Compose-mode services have an executor
+/// today; `k3sctl-managed` returns [`PlanError::ExecutorNotBuilt`]. The caller decides whether a
+/// `noop` line is launched at all (it is, with `force`).
+pub fn deploy_spec(
+    service: &PlannedService,
+    force: bool,
+    dry_run: bool,
+) -> Result<DeploySpec, PlanError> {
+    let refuse = |why: String| PlanError::NotDeployable {
+        service: service.id.clone(),
+        why,
+    };
+    if service.environment == Some(Environment::Prod) {
+        return Err(PlanError::ProdApplyDisabled);
+    }
+    if let Action::Unsupported { reason } = &service.action {
+        return Err(refuse(format!("unsupported: {reason}")));
+    }
+    let deployment = service
+        .deployment
+        .as_ref()
+        .ok_or_else(|| refuse("it has no deployment in config.json".to_owned()))?;
+    let compose = match (&deployment.mode, &deployment.compose) {
+        (DeploymentMode::K3sctlManaged, _) => {
+            return Err(PlanError::ExecutorNotBuilt {
+                service: service.id.clone(),
+                mode: deployment.mode,
+            });
+        }
+        (_, Some(compose)) => compose,
+        (mode, None) => return Err(refuse(format!("mode {mode} needs a compose block"))),
+    };
+    let dockerfile = deployment
+        .dockerfile
+        .clone()
+        .ok_or_else(|| refuse("no Dockerfile in config.json".to_owned()))?;
+    let image = service
+        .image
+        .clone()
+        .ok_or_else(|| refuse("no image in config.json".to_owned()))?;
+    Ok(DeploySpec {
+        service_id: service.id.clone(),
+        repo_url: service.repo.clone(),
+        requested_commit: service.requested_commit.clone(),
+        dockerfile,
+        context: deployment.context.clone().unwrap_or_else(|| ".".to_owned()),
+        image,
+        build_base: deployment.build_base.as_ref().map(|b| BuildBase {
+            arg: b.arg.clone(),
+            candidates: b.candidates.clone(),
+        }),
+        executor: ExecutorSpec::Compose {
+            project: compose.project.clone(),
+            service: compose.service.clone(),
+        },
+        health_url: deployment.health_url.clone(),
+        force,
+        dry_run,
+        build_timeout_ms: deployment
+            .build_timeout_ms
+            .unwrap_or(DEFAULT_BUILD_TIMEOUT_MS),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::catalog;
+
+    const SHA_A: &str = "0c3cdb4ee06a23361ed511a2da033d67b53d16f4";
+    const SHA_B: &str = "9f1e2d3c4b5a69788796a5b4c3d2e1f00112233f";
+    const REPO: &str = "https://github.com/pikasTech/unidesk";
+
+    /// web and sidecar are Compose on main-server; api is k3s on d601 (with a dev
+    /// deployment, dev-enabled); legacy has no Dockerfile; extra has a dev deployment but is
+    /// not enabled for dev apply.
+    fn catalog() -> Catalog {
+        let text = serde_json::json!({
+            "microservices": [
+                {"id": "web", "repository": {"url": REPO}, "deployment": {
+                    "mode": "unidesk-direct", "node": "main-server", "dockerfile": "web/Dockerfile",
+                    "context": "web", "image": "unidesk-web:latest", "healthUrl": "http://127.0.0.1:8080/health",
+                    "buildTimeoutMs": 600000,
+                    "buildBase": {"arg": "WEB_BASE", "candidates": ["unidesk-web:latest-build-base"]},
+                    "compose": {"project": "unidesk", "service": "web"}}},
+                {"id": "sidecar", "repository": {"url": REPO}, "deployment": {
+                    "mode": "internal-sidecar", "node": "main-server", "dockerfile": "Dockerfile",
+                    "image": "sidecar:latest", "compose": {"service": "sidecar"}}},
+                {"id": "api", "repository": {"url": REPO}, "deployment": {
+                    "mode": "k3sctl-managed", "node": "d601", "dockerfile": "api/Dockerfile",
+                    "image": "unidesk-api:d601",
+                    "k8s": {"manifest": "k3s/api.yaml", "namespace": "unidesk",
+                            "deployment": "api", "container": "api"}}},
+                {"id": "legacy", "repository": {"url": REPO}, "deployment": {
+                    "mode": "unidesk-direct", "node": "d518", "image": "docker.io/vendor/legacy:1",
+                    "compose": {"service": "legacy"}}},
+                {"id": "extra", "repository": {"url": REPO}, "deployment": {
+                    "mode": "k3sctl-managed", "node": "d601", "dockerfile": "Dockerfile",
+                    "image": "extra:d601",
+                    "k8s": {"manifest": "k3s/extra.yaml", "namespace": "unidesk",
+                            "deployment": "extra", "container": "extra"}}}
+            ],
+            "nodes": {
+                "main-server": {"agent": "main-server", "egress": "direct"},
+                "d601": {"agent": "d601", "egress": "tunnel"},
+                "d518": {"agent": "d518", "egress": "tunnel"}
+            },
+            "environments": {
+                "dev": {"namespace": "unidesk-dev", "databaseFingerprint": "postgres-dev/unidesk_dev",
+                        "providerIdentity": "D601-dev", "applyServices": ["api"],
+                        "deployments": {
+                            "api": {"mode": "k3sctl-managed", "node": "d601", "dockerfile": "api/Dockerfile",
+                                    "image": "unidesk-api:d601",
+                                    "imageTagByEnvironment": {"dev": "dev"},
+                                    "k8s": {"manifest": "k3s/dev/api.yaml", "namespace": "unidesk-dev",
+                                            "deployment": "api-dev", "container": "api"}},
+                            "extra": {"mode": "k3sctl-managed", "node": "d601", "dockerfile": "Dockerfile",
+                                      "image": "extra:dev",
+                                      "k8s": {"manifest": "k3s/dev/extra.yaml", "namespace": "unidesk-dev",
+                                              "deployment": "extra-dev", "container": "extra"}}}},
+                "prod": {"namespace": "unidesk", "databaseFingerprint": "postgres/unidesk",
+                         "providerIdentity": "D601"}
+            }
+        });
+        catalog::parse(text.to_string().as_bytes()).unwrap().catalog
+    }
+
+    fn entry(id: &str, commit: &str) -> ServiceEntry {
+        ServiceEntry {
+            id: id.to_owned(),
+            repo: REPO.to_owned(),
+            commit_id: commit.to_owned(),
+        }
+    }
+
+    fn live(pairs: &[(&str, Observation)]) -> LiveState {
+        let mut l = LiveState::default();
+        for (id, o) in pairs {
+            l.observe(*id, o.clone());
+        }
+        l
+    }
+
+    fn at(commit: &str) -> Observation {
+        Observation::Live {
+            commit: Some(commit.to_owned()),
+        }
+    }
+
+    fn action_of<'a>(p: &'a Plan, id: &str) -> &'a Action {
+        &p.services.iter().find(|s| s.id == id).unwrap().action
+    }
+
+    #[test]
+    fn matching_live_commit_is_noop_for_full_and_short_requests() {
+        let c = catalog();
+        let services = [entry("web", SHA_A), entry("sidecar", &SHA_A[..7])];
+        let p = plan(
+            &services,
+            &c,
+            None,
+            None,
+            &live(&[("web", at(SHA_A)), ("sidecar", at(SHA_A))]),
+        )
+        .unwrap();
+        assert_eq!(action_of(&p, "web"), &Action::Noop);
+        assert_eq!(action_of(&p, "sidecar"), &Action::Noop);
+        assert_eq!(p.services[0].resolved_commit.as_deref(), Some(SHA_A));
+        assert_eq!(p.services[1].resolved_commit, None);
+        assert_eq!(p.services[0].live_commit.as_deref(), Some(SHA_A));
+    }
+
+    #[test]
+    fn other_or_absent_live_commit_is_deploy() {
+        let c = catalog();
+        let services = [entry("web", SHA_A), entry("sidecar", SHA_A)];
+        let p = plan(
+            &services,
+            &c,
+            None,
+            None,
+            &live(&[
+                ("web", at(SHA_B)),
+                ("sidecar", Observation::Live { commit: None }),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(action_of(&p, "web"), &Action::Deploy);
+        assert_eq!(action_of(&p, "sidecar"), &Action::Deploy);
+    }
+
+    #[test]
+    fn a_short_live_commit_is_unknown_not_a_match() {
+        let p = plan(
+            &[entry("web", &SHA_A[..8])],
+            &catalog(),
+            None,
+            None,
+            &live(&[("web", at(&SHA_A[..10]))]),
+        )
+        .unwrap();
+        assert!(
+            matches!(action_of(&p, "web"), Action::Unknown { reason } if reason.contains("not a full 40-hex SHA"))
+        );
+    }
+
+    #[test]
+    fn unreachable_node_is_unknown_with_why() {
+        let p = plan(
+            &[entry("api", SHA_A)],
+            &catalog(),
+            None,
+            None,
+            &live(&[(
+                "api",
+                Observation::Unreachable {
+                    reason: "agent d601 is not connected".to_owned(),
+                },
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            action_of(&p, "api"),
+            &Action::Unknown {
+                reason: "node d601 (agent d601) cannot be asked: agent d601 is not connected"
+                    .to_owned()
+            }
+        );
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["services"][0]["action"], "unknown");
+        assert_eq!(
+            json["services"][0]["reason"],
+            "node d601 (agent d601) cannot be asked: agent d601 is not connected"
+        );
+    }
+
+    #[test]
+    fn unobserved_service_is_unknown_never_deploy() {
+        let p = plan(
+            &[entry("web", SHA_A)],
+            &catalog(),
+            None,
+            None,
+            &LiveState::default(),
+        )
+        .unwrap();
+        assert!(
+            matches!(action_of(&p, "web"), Action::Unknown { reason } if reason.contains("not observed"))
+        );
+    }
+
+    #[test]
+    fn no_dockerfile_is_unsupported() {
+        let p = plan(
+            &[entry("legacy", SHA_A)],
+            &catalog(),
+            None,
+            None,
+            &live(&[("legacy", at(SHA_B))]),
+        )
+        .unwrap();
+        assert!(
+            matches!(action_of(&p, "legacy"), Action::Unsupported { reason } if reason.contains("no Dockerfile source artifact"))
+        );
+        assert_eq!(
+            serde_json::to_value(&p).unwrap()["services"][0]["action"],
+            "unsupported"
+        );
+    }
+
+    #[test]
+    fn service_missing_from_config_is_an_error() {
+        let err = plan(
+            &[entry("web", SHA_A), entry("ghost", SHA_A)],
+            &catalog(),
+            None,
+            Some("web"),
+            &LiveState::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "deploy.json services[1]: service \"ghost\" is not in config.json microservices"
+        );
+    }
+
+    #[test]
+    fn service_filter_narrows_and_must_be_in_the_manifest() {
+        let c = catalog();
+        let services = [entry("web", SHA_A), entry("api", SHA_A)];
+        let p = plan(&services, &c, None, Some("api"), &LiveState::default()).unwrap();
+        assert_eq!(p.services.len(), 1);
+        assert_eq!(p.services[0].id, "api");
+        let err = plan(&services, &c, None, Some("frontend"), &LiveState::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--service \"frontend\" is not in deploy.json (it lists: web, api)"
+        );
+    }
+
+    #[test]
+    fn dev_plan_uses_dev_deployments_and_reports_the_environment() {
+        let c = catalog();
+        let p = plan(
+            &[entry("api", SHA_A), entry("web", SHA_A)],
+            &c,
+            Some(Environment::Dev),
+            None,
+            &live(&[("api", at(SHA_B)), ("web", at(SHA_B))]),
+        )
+        .unwrap();
+        assert_eq!(p.desired_ref, Some("origin/deploy/dev"));
+        assert_eq!(p.namespace.as_deref(), Some("unidesk-dev"));
+        assert_eq!(
+            p.database_fingerprint.as_deref(),
+            Some("postgres-dev/unidesk_dev")
+        );
+        assert_eq!(p.provider_identity.as_deref(), Some("D601-dev"));
+        let api = &p.services[0];
+        assert_eq!(api.namespace.as_deref(), Some("unidesk-dev"));
+        assert_eq!(api.image.as_deref(), Some("unidesk-api:dev"));
+        assert_eq!(api.action, Action::Deploy);
+        // web's only deployment is the production Compose service: unsupported in dev.
+        assert!(
+            matches!(&p.services[1].action, Action::Unsupported { reason }
+            if reason.contains("environments.dev.deployments.web"))
+        );
+        assert_eq!(p.services[1].node, None);
+    }
+
+    #[test]
+    fn prod_apply_is_always_refused() {
+        let c = catalog();
+        let p = plan(
+            &[entry("web", SHA_A)],
+            &c,
+            Some(Environment::Prod),
+            None,
+            &live(&[("web", at(SHA_B))]),
+        )
+        .unwrap();
+        for service in [None, Some("web")] {
+            let err = apply_guard(Some(Environment::Prod), &p, &c, service).unwrap_err();
+            assert_eq!(err, PlanError::ProdApplyDisabled);
+            assert!(
+                err.to_string()
+                    .starts_with("deploy apply --env prod is disabled: ")
+            );
+        }
+        // A prod plan cannot be smuggled through a non-prod apply, or turned into a spec.
+        assert_eq!(
+            apply_guard(None, &p, &c, None),
+            Err(PlanError::ProdApplyDisabled)
+        );
+        assert_eq!(
+            deploy_spec(&p.services[0], false, false),
+            Err(PlanError::ProdApplyDisabled)
+        );
+    }
+
+    #[test]
+    fn dev_apply_refuses_unsupported_and_not_enabled_services_listing_them() {
+        let c = catalog();
+        let services = [
+            entry("api", SHA_A),
+            entry("web", SHA_A),
+            entry("extra", SHA_A),
+        ];
+        let p = plan(
+            &services,
+            &c,
+            Some(Environment::Dev),
+            None,
+            &LiveState::default(),
+        )
+        .unwrap();
+        let err = apply_guard(Some(Environment::Dev), &p, &c, None).unwrap_err();
+        let PlanError::ApplyRefused { refused, .. } = &err else {
+            panic!("{err}")
+        };
+        let ids: Vec<_> = refused.0.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(ids, ["web", "extra"]);
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "deploy apply --env dev refused before any change: web (unsupported: "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("not in config.json environments.dev.applyServices"),
+            "{text}"
+        );
+        assert!(
+            text.contains("extra (not in config.json environments.dev.applyServices)"),
+            "{text}"
+        );
+        assert!(text.ends_with("; narrow the set with --service"), "{text}");
+        // Narrowed to an enabled service it proceeds; narrowed to another it is refused.
+        assert_eq!(
+            apply_guard(Some(Environment::Dev), &p, &c, Some("api")),
+            Ok(())
+        );
+        assert!(apply_guard(Some(Environment::Dev), &p, &c, Some("extra")).is_err());
+        assert!(matches!(
+            apply_guard(Some(Environment::Dev), &p, &c, Some("nope")),
+            Err(PlanError::ServiceNotInManifest { .. })
+        ));
+    }
+
+    #[test]
+    fn file_apply_refuses_unsupported_unless_narrowed() {
+        let c = catalog();
+        let services = [entry("web", SHA_A), entry("legacy", SHA_A)];
+        let p = plan(&services, &c, None, None, &LiveState::default()).unwrap();
+        let err = apply_guard(None, &p, &c, None).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "deploy apply refused before any change: legacy (unsupported: no Dockerfile"
+            ),
+            "{err}"
+        );
+        assert_eq!(apply_guard(None, &p, &c, Some("web")), Ok(()));
+    }
+
+    #[test]
+    fn apply_environment_must_match_the_plan() {
+        let c = catalog();
+        let p = plan(
+            &[entry("api", SHA_A)],
+            &c,
+            None,
+            None,
+            &LiveState::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            apply_guard(Some(Environment::Dev), &p, &c, None)
+                .unwrap_err()
+                .to_string(),
+            "the plan is for the local file but the apply is for --env dev"
+        );
+    }
+
+    #[test]
+    fn compose_spec_carries_the_catalog_data() {
+        let c = catalog();
+        let p = plan(
+            &[entry("web", &SHA_A[..7])],
+            &c,
+            None,
+            None,
+            &live(&[("web", at(SHA_B))]),
+        )
+        .unwrap();
+        let spec = deploy_spec(&p.services[0], true, false).unwrap();
+        assert_eq!(
+            spec,
+            DeploySpec {
+                service_id: "web".into(),
+                repo_url: REPO.into(),
+                requested_commit: SHA_A[..7].into(),
+                dockerfile: "web/Dockerfile".into(),
+                context: "web".into(),
+                image: "unidesk-web:latest".into(),
+                build_base: Some(BuildBase {
+                    arg: "WEB_BASE".into(),
+                    candidates: vec!["unidesk-web:latest-build-base".into()],
+                }),
+                executor: ExecutorSpec::Compose {
+                    project: Some("unidesk".into()),
+                    service: "web".into(),
+                },
+                health_url: Some("http://127.0.0.1:8080/health".into()),
+                force: true,
+                dry_run: false,
+                build_timeout_ms: 600_000,
+            }
+        );
+        let p = plan(
+            &[entry("sidecar", SHA_A)],
+            &c,
+            None,
+            None,
+            &LiveState::default(),
+        )
+        .unwrap();
+        let spec = deploy_spec(&p.services[0], false, true).unwrap();
+        assert_eq!(spec.context, ".");
+        assert_eq!(spec.build_timeout_ms, DEFAULT_BUILD_TIMEOUT_MS);
+        assert_eq!(
+            spec.executor,
+            ExecutorSpec::Compose {
+                project: None,
+                service: "sidecar".into()
+            }
+        );
+        assert!(spec.dry_run);
+    }
+
+    #[test]
+    fn k3s_and_unsupported_services_get_no_spec() {
+        let c = catalog();
+        let p = plan(
+            &[entry("api", SHA_A), entry("legacy", SHA_A)],
+            &c,
+            None,
+            None,
+            &LiveState::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            deploy_spec(&p.services[0], false, false)
+                .unwrap_err()
+                .to_string(),
+            "service \"api\": the k3sctl-managed executor is not built yet"
+        );
+        let err = deploy_spec(&p.services[1], false, false).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("service \"legacy\" cannot be deployed: unsupported: no Dockerfile"),
+            "{err}"
+        );
+    }
+}

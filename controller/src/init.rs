@@ -1,0 +1,224 @@
+//! `unidesk-controller init`: writes a working loopback setup — a CA, a server certificate,
+//! `controller.toml` and one `agent-<ID>.toml` per agent with its own secret — that runs with
+//! no hand edits. The controller file keeps only each secret's hash.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use unidesk_agent::config::{
+    AgentConfig, ControllerLink, Dirs, EgressMode, LinkTiming, ProxyConfig, Runtime,
+};
+use unidesk_protocol::AgentId;
+
+use crate::auth::{hash_secret, new_secret};
+use crate::config::{
+    AdminConfig, AgentCredential, ControllerConfig, EgressConfig, GatewayConfig, StoreConfig,
+    TunnelConfig,
+};
+use unidesk_agent::atomic::write_file;
+
+/// What `init` should write.
+#[derive(Debug, Clone)]
+pub struct InitPlan {
+    pub dir: PathBuf,
+    pub agents: Vec<AgentId>,
+    pub listen: SocketAddr,
+    /// The first agent's proxy port; each further agent gets the next one.
+    pub proxy_port: u16,
+    /// Egress allowlist entries for the controller.
+    pub egress_allow: Vec<String>,
+}
+
+/// `init` could not write the setup.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{0} already holds a controller.toml; refusing to overwrite it")]
+    Exists(PathBuf),
+    #[error("agent {0} is listed twice")]
+    DuplicateAgent(AgentId),
+    #[error("no agent ids given")]
+    NoAgents,
+    #[error("too many agents for proxy ports from {0}")]
+    Ports(u16),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot serialize {what}: {reason}")]
+    Serialize { what: String, reason: String },
+}
+
+/// What `init` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InitReport {
+    pub controller_config: PathBuf,
+    pub agent_configs: Vec<PathBuf>,
+    pub ca: PathBuf,
+}
+
+/// Writes the setup described by `plan`.
+pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
+    if plan.agents.is_empty() {
+        return Err(InitError::NoAgents);
+    }
+    let controller_path = plan.dir.join("controller.toml");
+    if controller_path.exists() {
+        return Err(InitError::Exists(plan.dir.clone()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for a in &plan.agents {
+        if !seen.insert(a) {
+            return Err(InitError::DuplicateAgent(a.clone()));
+        }
+    }
+    let write = |path: &Path, bytes: &[u8], mode: u32| {
+        write_file(path, bytes, mode).map_err(|source| InitError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    std::fs::create_dir_all(&plan.dir).map_err(|source| InitError::Write {
+        path: plan.dir.clone(),
+        source,
+    })?;
+
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let ip = plan.listen.ip();
+    if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
+        names.push(ip.to_string());
+    }
+    let pki = crate::pki::generate(&names)?;
+    write(&plan.dir.join("ca.crt"), pki.ca_cert_pem.as_bytes(), 0o644)?;
+    write(&plan.dir.join("ca.key"), pki.ca_key_pem.as_bytes(), 0o600)?;
+    write(
+        &plan.dir.join("server.crt"),
+        pki.server_cert_pem.as_bytes(),
+        0o644,
+    )?;
+    write(
+        &plan.dir.join("server.key"),
+        pki.server_key_pem.as_bytes(),
+        0o600,
+    )?;
+
+    let connect_host = if ip.is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        ip.to_string()
+    };
+    let mut credentials = Vec::new();
+    let mut agent_configs = Vec::new();
+    for (i, id) in plan.agents.iter().enumerate() {
+        let port = u16::try_from(i)
+            .ok()
+            .and_then(|i| plan.proxy_port.checked_add(i))
+            .ok_or(InitError::Ports(plan.proxy_port))?;
+        let secret = new_secret();
+        credentials.push(AgentCredential {
+            id: id.clone(),
+            secret_sha256: hash_secret(&secret),
+            revoked: false,
+        });
+        let agent = AgentConfig {
+            id: id.clone(),
+            secret: Some(secret),
+            controller: ControllerLink {
+                url: format!("wss://{connect_host}:{}/agent", plan.listen.port()),
+                ca: PathBuf::from("ca.crt"),
+            },
+            proxy: ProxyConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], port)),
+                egress: EgressMode::Tunnel,
+                git_ca: None,
+            },
+            dirs: Dirs {
+                runs: PathBuf::from(format!("agent-{id}/runs")),
+                work: PathBuf::from(format!("agent-{id}/work")),
+                cache: PathBuf::from(format!("agent-{id}/cache")),
+            },
+            link: LinkTiming::default(),
+            runtime: Runtime::default(),
+            event_window: 8192,
+            base_dir: PathBuf::new(),
+        };
+        let text = toml::to_string(&agent).map_err(|e| InitError::Serialize {
+            what: format!("agent {id} config"),
+            reason: e.to_string(),
+        })?;
+        let path = plan.dir.join(format!("agent-{id}.toml"));
+        write(&path, text.as_bytes(), 0o600)?;
+        agent_configs.push(path);
+    }
+
+    let controller = ControllerConfig {
+        gateway: GatewayConfig {
+            listen: plan.listen,
+            cert: PathBuf::from("server.crt"),
+            key: PathBuf::from("server.key"),
+            heartbeat_ms: 5_000,
+        },
+        admin: AdminConfig {
+            socket: PathBuf::from("admin.sock"),
+        },
+        store: StoreConfig {
+            dir: PathBuf::from("state"),
+        },
+        egress: EgressConfig {
+            allow: plan.egress_allow.clone(),
+            connect_timeout_ms: 10_000,
+        },
+        tunnel: TunnelConfig::default(),
+        desired: None,
+        agents: credentials,
+        base_dir: PathBuf::new(),
+    };
+    let text = toml::to_string(&controller).map_err(|e| InitError::Serialize {
+        what: "controller config".into(),
+        reason: e.to_string(),
+    })?;
+    write(&controller_path, text.as_bytes(), 0o600)?;
+    Ok(InitReport {
+        controller_config: controller_path,
+        agent_configs,
+        ca: plan.dir.join("ca.crt"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_output_loads_back_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = InitPlan {
+            dir: dir.path().join("setup"),
+            agents: vec![AgentId::new("d601").unwrap(), AgentId::new("d518").unwrap()],
+            listen: "127.0.0.1:7443".parse().unwrap(),
+            proxy_port: 18789,
+            egress_allow: vec!["127.0.0.1:*".into(), "cidr:127.0.0.0/8".into()],
+        };
+        let report = init(&plan).unwrap();
+        let controller = ControllerConfig::load(&report.controller_config).unwrap();
+        assert_eq!(controller.agents.len(), 2);
+        assert!(
+            !std::fs::read_to_string(&report.controller_config)
+                .unwrap()
+                .contains("secret =")
+        );
+        let agent = AgentConfig::load(&report.agent_configs[1]).unwrap();
+        assert_eq!(agent.proxy.listen.port(), 18790);
+        let secret = agent.secret.clone().unwrap();
+        assert_eq!(hash_secret(&secret), controller.agents[1].secret_sha256);
+        let again = toml::to_string(&agent).unwrap();
+        assert_eq!(
+            again,
+            std::fs::read_to_string(&report.agent_configs[1]).unwrap()
+        );
+        assert!(matches!(init(&plan), Err(InitError::Exists(_))));
+    }
+}

@@ -1,0 +1,248 @@
+//! Encoding and decoding of frames: a two-byte big-endian protocol version, then the postcard
+//! body. One WebSocket binary message holds exactly one frame.
+//!
+//! Decoding never panics and never allocates more than the input allows: the input is
+//! bounded by [`MAX_FRAME_BYTES`] before postcard sees it, and postcard's collections grow
+//! only as far as the bytes actually present.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::frame::{AgentFrame, ControllerFrame};
+
+/// The wire version this build speaks. Any change to a frame type bumps it.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest frame either side accepts (4 MiB). Log lines and tunnel chunks are far smaller.
+pub const MAX_FRAME_BYTES: usize = 4 << 20;
+
+/// A frame that could not be decoded. The connection that sent it is closed with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes is shorter than the 2-byte version header")]
+    TooShort { len: usize },
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame speaks protocol version {got}, this side speaks version {want}")]
+    Version { got: u16, want: u16 },
+    #[error("malformed {what} frame body: {reason}")]
+    Body { what: &'static str, reason: String },
+    #[error("{count} trailing bytes after a complete {what} frame")]
+    Trailing { what: &'static str, count: usize },
+}
+
+/// A frame that cannot be encoded (only when it would exceed [`MAX_FRAME_BYTES`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{what} frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("cannot serialize {what} frame: {reason}")]
+    Serialize { what: &'static str, reason: String },
+}
+
+/// A frame type that travels on the wire.
+pub trait Wire: Serialize + DeserializeOwned {
+    /// Name used in error messages.
+    const WHAT: &'static str;
+
+    /// Encodes `self` with the version header.
+    fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut out = PROTOCOL_VERSION.to_be_bytes().to_vec();
+        let out = postcard::to_extend(self, std::mem::take(&mut out)).map_err(|e| {
+            EncodeError::Serialize {
+                what: Self::WHAT,
+                reason: e.to_string(),
+            }
+        })?;
+        if out.len() > MAX_FRAME_BYTES {
+            return Err(EncodeError::TooLarge {
+                what: Self::WHAT,
+                len: out.len(),
+                max: MAX_FRAME_BYTES,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decodes one frame, checking size, version and that nothing trails it.
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_FRAME_BYTES {
+            return Err(DecodeError::TooLarge {
+                len: bytes.len(),
+                max: MAX_FRAME_BYTES,
+            });
+        }
+        let Some((header, body)) = bytes.split_first_chunk::<2>() else {
+            return Err(DecodeError::TooShort { len: bytes.len() });
+        };
+        let got = u16::from_be_bytes(*header);
+        if got != PROTOCOL_VERSION {
+            return Err(DecodeError::Version {
+                got,
+                want: PROTOCOL_VERSION,
+            });
+        }
+        let (frame, rest) =
+            postcard::take_from_bytes::<Self>(body).map_err(|e| DecodeError::Body {
+                what: Self::WHAT,
+                reason: e.to_string(),
+            })?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Trailing {
+                what: Self::WHAT,
+                count: rest.len(),
+            });
+        }
+        Ok(frame)
+    }
+}
+
+impl Wire for AgentFrame {
+    const WHAT: &'static str = "agent";
+}
+
+impl Wire for ControllerFrame {
+    const WHAT: &'static str = "controller";
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::frame::*;
+    use crate::ids::*;
+
+    fn launch() -> ControllerFrame {
+        ControllerFrame::Launch(Launch {
+            launch_id: LaunchId::new("l-1").unwrap(),
+            run_id: RunId::new("r-1").unwrap(),
+            deadline_unix_ms: 1_800_000_000_000,
+            spec: LaunchSpec::Probe(ProbeSpec { echo_lines: 3 }),
+        })
+    }
+
+    /// Golden bytes: a change here is a wire change and must bump [`PROTOCOL_VERSION`].
+    #[test]
+    fn golden_launch_bytes() {
+        let bytes = launch().encode().unwrap();
+        assert_eq!(
+            bytes,
+            [
+                0, 1, // version
+                2, // ControllerFrame::Launch
+                3, b'l', b'-', b'1', 3, b'r', b'-', b'1', // ids
+                128, 160, 241, 194, 177, 52, // deadline varint
+                0, 3, // LaunchSpec::Probe { echo_lines: 3 }
+            ]
+        );
+        assert_eq!(ControllerFrame::decode(&bytes).unwrap(), launch());
+    }
+
+    #[test]
+    fn wrong_version_is_named() {
+        let mut bytes = launch().encode().unwrap();
+        bytes[1] = 9;
+        let err = ControllerFrame::decode(&bytes).unwrap_err();
+        assert_eq!(err, DecodeError::Version { got: 9, want: 1 });
+        assert_eq!(
+            err.to_string(),
+            "frame speaks protocol version 9, this side speaks version 1"
+        );
+    }
+
+    #[test]
+    fn truncated_trailing_and_oversized_frames_are_errors() {
+        let bytes = launch().encode().unwrap();
+        for cut in 0..bytes.len() {
+            assert!(
+                ControllerFrame::decode(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(
+            ControllerFrame::decode(&long).unwrap_err(),
+            DecodeError::Trailing {
+                what: "controller",
+                count: 1
+            }
+        );
+        let huge = vec![0u8; MAX_FRAME_BYTES + 1];
+        assert!(matches!(
+            ControllerFrame::decode(&huge),
+            Err(DecodeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn length_bomb_is_refused_without_allocating() {
+        // AgentFrame::Tunnel with a declared length of u32::MAX and 3 bytes of data.
+        let bytes = [0, 1, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3];
+        assert!(matches!(
+            AgentFrame::decode(&bytes),
+            Err(DecodeError::Body { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_variant_is_refused() {
+        let bytes = [0, 1, 99];
+        let err = AgentFrame::decode(&bytes).unwrap_err();
+        assert!(
+            err.to_string().starts_with("malformed agent frame body"),
+            "{err}"
+        );
+    }
+
+    fn arb_event() -> impl Strategy<Value = AgentFrame> {
+        (any::<u64>(), any::<u64>(), ".{0,40}", any::<bool>()).prop_map(|(seq, t, line, step)| {
+            AgentFrame::Event(Event {
+                launch_id: LaunchId::new("launch-a").unwrap(),
+                seq,
+                time_unix_ms: t,
+                body: EventBody::Log {
+                    step: step.then_some(Step::Build),
+                    line,
+                },
+            })
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn event_round_trips(frame in arb_event()) {
+            let bytes = frame.encode().unwrap();
+            prop_assert_eq!(AgentFrame::decode(&bytes).unwrap(), frame);
+        }
+
+        #[test]
+        fn tunnel_round_trips(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let frame = ControllerFrame::Tunnel(data);
+            let bytes = frame.encode().unwrap();
+            prop_assert_eq!(ControllerFrame::decode(&bytes).unwrap(), frame);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = AgentFrame::decode(&data);
+            let _ = ControllerFrame::decode(&data);
+        }
+
+        #[test]
+        fn versioned_arbitrary_bodies_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut bytes = vec![0, 1];
+            bytes.extend(data);
+            if let Ok(frame) = AgentFrame::decode(&bytes) {
+                // Whatever decodes must encode back to a frame that decodes the same.
+                let again = frame.encode().unwrap();
+                prop_assert_eq!(AgentFrame::decode(&again).unwrap(), frame);
+            }
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The frames exchanged over the agent's WebSocket, in both directions.
+//!
+//! Everything here is data. A launch names a repository, a commit, paths inside that commit and
+//! names of things on the node; there is no variant that carries a script body, a command
+//! line or a shell fragment, and adding one is a design change, not a feature.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AgentId, LaunchId, RunId, Secret};
+
+/// Frames an agent sends to the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentFrame {
+    /// The first frame of every connection.
+    Hello(Hello),
+    /// Answer to [`ControllerFrame::Ping`].
+    Pong { nonce: u64 },
+    /// The launch is (or already was) accepted; `state` says where it stands.
+    Accepted {
+        launch_id: LaunchId,
+        state: LaunchState,
+    },
+    /// The launch was refused before anything ran.
+    Rejected { launch_id: LaunchId, reason: String },
+    /// One event of a launch; the controller acknowledges it with [`ControllerFrame::Ack`].
+    Event(Event),
+    /// Answer to [`ControllerFrame::Query`].
+    Reply { query_id: u64, reply: Reply },
+    /// Bytes of the multiplexed egress tunnel (a yamux byte stream).
+    Tunnel(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// Frames the controller sends to an agent.
+// Frames live for one send or receive; boxing the launch would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerFrame {
+    /// The Hello was accepted.
+    Welcome(Welcome),
+    /// Liveness check; the agent answers with [`AgentFrame::Pong`].
+    Ping { nonce: u64 },
+    /// Run something, once.
+    Launch(Launch),
+    /// Stop a launch; the reason is recorded in its result.
+    Cancel { launch_id: LaunchId, reason: String },
+    /// Every event of `launch_id` up to and including `seq` is stored by the controller.
+    Ack { launch_id: LaunchId, seq: u64 },
+    /// Ask the agent something without launching anything.
+    Query { query_id: u64, query: Query },
+    /// Bytes of the multiplexed egress tunnel (a yamux byte stream).
+    Tunnel(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// The agent introduces itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub agent_id: AgentId,
+    pub agent_version: String,
+    pub capabilities: Vec<Capability>,
+    pub credential: Secret,
+}
+
+/// The controller accepts an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub controller_version: String,
+    /// How often the controller pings; the agent declares the link dead after missing a few.
+    pub heartbeat_ms: u32,
+    /// For each launch of this agent whose events are not all stored: the last stored seq.
+    /// The agent resends everything after it.
+    pub resume: Vec<ResumePoint>,
+}
+
+/// Where event delivery of one launch resumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    pub launch_id: LaunchId,
+    pub acked_seq: u64,
+}
+
+/// What an agent can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Capability {
+    Probe,
+    Egress,
+    ComposeDeploy,
+    K3sDeploy,
+    CiRun,
+}
+
+/// One launch: the unit the agent runs once per launch id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    pub launch_id: LaunchId,
+    pub run_id: RunId,
+    /// Wall-clock deadline (Unix milliseconds); past it the launch ends `timed-out`.
+    pub deadline_unix_ms: u64,
+    pub spec: LaunchSpec,
+}
+
+/// What to run. Data only: no variant carries a script or a command line.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LaunchSpec {
+    /// Report agent facts (version, capabilities, reachability) and echo `echo_lines`
+    /// numbered log lines, which exercises the event plane without Docker.
+    Probe(ProbeSpec),
+    /// Build a service at a commit on this node and replace the running one.
+    Deploy(DeploySpec),
+}
+
+impl LaunchSpec {
+    /// The short name used in logs and job records.
+    pub fn kind(&self) -> LaunchKind {
+        match self {
+            LaunchSpec::Probe(_) => LaunchKind::Probe,
+            LaunchSpec::Deploy(_) => LaunchKind::Deploy,
+        }
+    }
+}
+
+/// The kind of a launch, without its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaunchKind {
+    Probe,
+    Deploy,
+}
+
+/// See [`LaunchSpec::Probe`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeSpec {
+    pub echo_lines: u32,
+}
+
+/// See [`LaunchSpec::Deploy`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploySpec {
+    pub service_id: String,
+    /// Repository URL as declared in `deploy.json`.
+    pub repo_url: String,
+    /// The commit as declared: a full SHA or a unique short SHA.
+    pub requested_commit: String,
+    /// Repository-relative path of the Dockerfile.
+    pub dockerfile: String,
+    /// Repository-relative build context directory (`.` for the root).
+    pub context: String,
+    /// Image name (with tag) to build; the compose executor may replace it with the image the
+    /// running service really uses.
+    pub image: String,
+    /// Build argument that names a warm base image, and the candidates in fallback order.
+    pub build_base: Option<BuildBase>,
+    pub executor: ExecutorSpec,
+    /// URL of the health endpoint that reports `deploy.commit`, if the service has one.
+    pub health_url: Option<String>,
+    /// Rebuild and replace even when the live commit already matches.
+    pub force: bool,
+    /// Resolve and plan only; change nothing.
+    pub dry_run: bool,
+    pub build_timeout_ms: u64,
+}
+
+/// A warm build-base argument (`CODE_QUEUE_BASE_IMAGE`) and its candidate images in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildBase {
+    pub arg: String,
+    pub candidates: Vec<String>,
+}
+
+/// How the service is replaced on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecutorSpec {
+    /// Docker Compose service: recreated from the new image. `project` is fixed by config on
+    /// the main server and read from the running container's labels elsewhere.
+    Compose {
+        project: Option<String>,
+        service: String,
+    },
+}
+
+/// One event of a launch, numbered per launch from 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub launch_id: LaunchId,
+    pub seq: u64,
+    pub time_unix_ms: u64,
+    pub body: EventBody,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventBody {
+    Log {
+        step: Option<Step>,
+        line: String,
+    },
+    StepStarted {
+        step: Step,
+    },
+    StepFinished {
+        step: Step,
+        outcome: StepOutcome,
+    },
+    /// The last event of every launch.
+    Finished(LaunchResult),
+}
+
+/// A step of a launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    Probe,
+    Materialize,
+    Build,
+    Import,
+    Apply,
+    Rollout,
+    Recreate,
+    Verify,
+}
+
+impl Step {
+    /// The step's name as it appears in logs and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Probe => "probe",
+            Step::Materialize => "materialize",
+            Step::Build => "build",
+            Step::Import => "import",
+            Step::Apply => "apply",
+            Step::Rollout => "rollout",
+            Step::Recreate => "recreate",
+            Step::Verify => "verify",
+        }
+    }
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepOutcome {
+    Ok,
+    Skipped { reason: String },
+    Failed { reason: String },
+}
+
+/// How a launch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaunchStatus {
+    Succeeded,
+    Noop,
+    Failed,
+    Cancelled,
+    TimedOut,
+    /// The agent stopped (restart, crash) while the launch ran.
+    Interrupted,
+}
+
+impl LaunchStatus {
+    /// The status as it is written in results and job records.
+    pub fn name(self) -> &'static str {
+        match self {
+            LaunchStatus::Succeeded => "succeeded",
+            LaunchStatus::Noop => "noop",
+            LaunchStatus::Failed => "failed",
+            LaunchStatus::Cancelled => "cancelled",
+            LaunchStatus::TimedOut => "timed-out",
+            LaunchStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// Whether the launch did what was asked.
+    pub fn is_ok(self) -> bool {
+        matches!(self, LaunchStatus::Succeeded | LaunchStatus::Noop)
+    }
+}
+
+/// The final result of a launch, carried by [`EventBody::Finished`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchResult {
+    pub status: LaunchStatus,
+    pub error: Option<String>,
+    pub detail: ResultDetail,
+}
+
+/// Launch-kind specific outputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResultDetail {
+    None,
+    Probe(AgentFacts),
+    Deploy(DeployOutcome),
+}
+
+/// What a deploy produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployOutcome {
+    pub resolved_commit: Option<String>,
+    pub image: Option<String>,
+    pub image_id: Option<String>,
+    pub container_id: Option<String>,
+}
+
+/// Facts an agent reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentFacts {
+    pub agent_id: AgentId,
+    pub agent_version: String,
+    pub capabilities: Vec<Capability>,
+    pub reach: Vec<Reach>,
+}
+
+/// Whether the agent can reach one component, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reach {
+    pub component: Component,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// A component an agent depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Component {
+    Docker,
+    Containerd,
+    Kubernetes,
+    EgressProxy,
+    Controller,
+}
+
+/// Where a launch stands, as reported with [`AgentFrame::Accepted`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LaunchState {
+    /// Newly accepted: it starts now.
+    Started,
+    /// Already accepted earlier (a second delivery); it has written events up to `last_seq`.
+    Running { last_seq: u64 },
+    /// Already finished earlier.
+    Finished { status: LaunchStatus, last_seq: u64 },
+}
+
+/// A question to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    /// The agent's facts, as a probe would report them.
+    Facts,
+    /// Read the tail of a file of a run directory, at most `max_bytes`.
+    ReadRun {
+        run_id: RunId,
+        file: RunFile,
+        max_bytes: u32,
+    },
+}
+
+/// A file of a run directory. The set is closed: no path is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunFile {
+    Result,
+    Events,
+    StepLog(Step),
+}
+
+/// An answer from an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Facts(AgentFacts),
+    RunFile {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        /// Whether the file was longer than `max_bytes` (the tail was returned).
+        truncated: bool,
+    },
+    Error {
+        reason: String,
+    },
+}

@@ -1,0 +1,10 @@
+//! Cross-process integration tests: the real `unidesk-controller` and `unidesk-agent`
+//! binaries on loopback, with real Git, Docker and containerd where a test needs them.
+//! One test binary (`cargo test -p unidesk-tests`); `support` holds the fixtures.
+
+// Test code: a failed unwrap is a failed test, and `pub` marks what support offers.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
+mod deploy;
+mod support;
+mod transport;
