@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub link: LinkTiming,
     #[serde(default)]
     pub runtime: Runtime,
+    #[serde(default)]
+    pub tunnel: unidesk_link::TunnelConfig,
     /// Unacknowledged events held per launch before the launch waits for the controller.
     #[serde(default = "default_event_window")]
     pub event_window: usize,
@@ -201,6 +203,13 @@ impl AgentConfig {
                 "proxy.listen",
                 self.proxy.listen.to_string(),
                 "the egress proxy listens on loopback only",
+            ));
+        }
+        if let Err(e) = self.tunnel.link().validate() {
+            return Err(invalid(
+                "tunnel.max_connection_window",
+                self.tunnel.max_connection_window.to_string(),
+                &e.to_string(),
             ));
         }
         if self.event_window == 0 {

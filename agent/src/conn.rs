@@ -12,7 +12,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use unidesk_link::{LinkConfig, Mode, Opener};
+use unidesk_link::{Mode, Opener};
 use unidesk_protocol::tunnel::{TunnelOpen, TunnelReply, decode_header, encode_header, header_len};
 use unidesk_protocol::{AgentFrame, ControllerFrame, Hello, Query, Reply, Secret, Welcome, Wire};
 
@@ -303,7 +303,7 @@ async fn session(
     tunnel: &CurrentTunnel,
     cancel: &CancellationToken,
 ) {
-    let link_config = LinkConfig::default();
+    let link_config = config.tunnel.link();
     let mut link = match unidesk_link::spawn::<_, ControllerFrame, AgentFrame>(
         ws,
         Mode::Client,

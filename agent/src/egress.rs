@@ -322,18 +322,73 @@ fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, ProxyError> {
         })?;
         return Ok(Some((ProxyRequest::Connect { host, port }, head_len)));
     }
-    let (host, port, origin) = split_absolute(target).map_err(|why| ProxyError::BadTarget {
-        target: target.to_owned(),
-        why,
-    })?;
+    let (host, port, origin, named_in_path) = match target.strip_prefix(ORIGIN_PREFIX) {
+        Some(rest) => {
+            let (host, port, origin) = split_named(rest).map_err(|why| ProxyError::BadTarget {
+                target: target.to_owned(),
+                why,
+            })?;
+            (host, port, origin, true)
+        }
+        None => {
+            let (host, port, origin) =
+                split_absolute(target).map_err(|why| ProxyError::BadTarget {
+                    target: target.to_owned(),
+                    why,
+                })?;
+            (host, port, origin, false)
+        }
+    };
+    // A client that named the upstream in the path sent the proxy's own Host header.
     let head = origin_form_head(
         method,
         origin,
         version,
         req.headers,
         &authority(&host, port),
+        named_in_path,
     );
     Ok(Some((ProxyRequest::Forward { host, port, head }, head_len)))
+}
+
+/// Path prefix of origin-form requests that name their upstream in the path:
+/// `GET /.unidesk-egress/<host>:<port>/<path>`. libgit2 sends a plain-http request meant for
+/// an HTTP proxy to the origin server itself (libgit2 issue 5650), which would bypass the
+/// tunnel; so the agent's own fetches of `http://` remotes address this proxy as their server
+/// instead ([`path_named_url`]). The target then takes the same tunnel and the same
+/// controller policy as any other request.
+pub const ORIGIN_PREFIX: &str = "/.unidesk-egress/";
+
+/// Rewrites an `http://host[:port]/path` URL to one served by the proxy at `proxy`
+/// (`http://127.0.0.1:18789`) that names its upstream in the path. `None` for other schemes.
+pub fn path_named_url(proxy: &str, url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (auth, path) = rest.split_at(auth_end);
+    let (host, port) = split_authority(auth, Some(80)).ok()?;
+    let path = if path.starts_with('/') || path.is_empty() {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    Some(format!(
+        "{}{ORIGIN_PREFIX}{}{path}",
+        proxy.trim_end_matches('/'),
+        authority(&host, port)
+    ))
+}
+
+/// Splits `host:port/path?query` (after [`ORIGIN_PREFIX`]) into host, port and origin form.
+fn split_named(rest: &str) -> Result<(String, u16, String), &'static str> {
+    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (auth, path) = rest.split_at(auth_end);
+    let (host, port) = split_authority(auth, Some(80))?;
+    let origin = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    Ok((host, port, origin))
 }
 
 /// Splits an absolute-form `http://host[:port]/path?query` into host, port (default 80) and
@@ -419,13 +474,18 @@ fn origin_form_head(
     version: u8,
     headers: &[httparse::Header<'_>],
     host: &str,
+    replace_host: bool,
 ) -> Vec<u8> {
     let mut head = format!("{method} {origin} HTTP/1.{version}\r\n").into_bytes();
     let mut has_host = false;
     for h in headers {
         let name = h.name;
         let lower = name.to_ascii_lowercase();
-        if lower.starts_with("proxy-") || lower == "connection" || lower == "keep-alive" {
+        if lower.starts_with("proxy-")
+            || lower == "connection"
+            || lower == "keep-alive"
+            || (replace_host && lower == "host")
+        {
             continue;
         }
         has_host |= lower == "host";
@@ -815,5 +875,36 @@ mod tests {
         assert!(split_authority("[::1", None).is_err());
         assert!(split_authority("::1:443", None).is_err());
         assert!(split_authority("[::1]x", None).is_err());
+    }
+
+    #[test]
+    fn upstream_named_in_the_path_is_forwarded_with_its_own_host() {
+        let url =
+            path_named_url("http://127.0.0.1:18789", "http://git.example:8080/a/b.git").unwrap();
+        assert_eq!(
+            url,
+            "http://127.0.0.1:18789/.unidesk-egress/git.example:8080/a/b.git"
+        );
+        assert_eq!(
+            path_named_url("http://127.0.0.1:18789/", "http://h/x").unwrap(),
+            "http://127.0.0.1:18789/.unidesk-egress/h:80/x"
+        );
+        assert_eq!(path_named_url("http://127.0.0.1:1", "https://h/x"), None);
+        let head = b"GET /.unidesk-egress/git.example:8080/a/b.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1:18789\r\n\r\n";
+        let (request, _) = parse_head(head).unwrap().unwrap();
+        let ProxyRequest::Forward { host, port, head } = request else {
+            panic!("expected a forward")
+        };
+        assert_eq!((host.as_str(), port), ("git.example", 8080));
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.starts_with("GET /a/b.git/info/refs?service=git-upload-pack HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("Host: git.example:8080\r\n") && !head.contains("18789"),
+            "{head}"
+        );
+        assert!(parse_head(b"GET /.unidesk-egress/bad host/x HTTP/1.1\r\n\r\n").is_err());
     }
 }

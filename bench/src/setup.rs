@@ -28,19 +28,18 @@ pub struct Setup {
 
 impl Setup {
     /// Runs `init` for `agents` with the gateway on `listen` and proxy ports from
-    /// `proxy_port`, in a fresh directory under `<target>/bench/tmp/`.
+    /// `proxy_port`, in a fresh directory under `parent` (see [`default_parent`]).
     pub fn init(
-        target: &Path,
+        parent: &Path,
         agents: &[AgentId],
         listen: SocketAddr,
         proxy_port: u16,
     ) -> anyhow::Result<Self> {
-        let parent = target.join("bench").join("tmp");
-        std::fs::create_dir_all(&parent)
+        std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
         let dir = tempfile::Builder::new()
             .prefix("setup-")
-            .tempdir_in(&parent)
+            .tempdir_in(parent)
             .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
         let plan = InitPlan {
             dir: dir.path().to_path_buf(),
@@ -75,6 +74,11 @@ impl Setup {
             .with_context(|| format!("{} holds no secret", path.display()))?;
         Ok((config, secret))
     }
+}
+
+/// Where setups go unless a benchmark is told otherwise: `<target>/bench/tmp/`.
+pub fn default_parent(target: &Path) -> PathBuf {
+    target.join("bench").join("tmp")
 }
 
 /// Agent ids `a1` … `aN`.
@@ -143,4 +147,12 @@ pub fn raise_nofile(want: u64) -> anyhow::Result<Nofile> {
         after: want,
         hard,
     })
+}
+
+/// CPU time (user and system, all threads) this process has used so far.
+pub fn process_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    let secs = u64::try_from(t.tv_sec).unwrap_or(0);
+    let nanos = u32::try_from(t.tv_nsec).unwrap_or(0);
+    std::time::Duration::new(secs, nanos)
 }

@@ -98,34 +98,8 @@ fn default_connect_timeout_ms() -> u64 {
     10_000
 }
 
-/// `[tunnel]`: multiplexer sizing (see `unidesk_link::LinkConfig`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelConfig {
-    pub max_connection_window: usize,
-    pub max_streams: usize,
-}
-
-impl Default for TunnelConfig {
-    fn default() -> Self {
-        let link = unidesk_link::LinkConfig::default();
-        Self {
-            max_connection_window: link.max_connection_window,
-            max_streams: link.max_streams,
-        }
-    }
-}
-
-impl TunnelConfig {
-    /// The link settings these values give.
-    pub fn link(&self) -> unidesk_link::LinkConfig {
-        unidesk_link::LinkConfig {
-            max_connection_window: self.max_connection_window,
-            max_streams: self.max_streams,
-            ..unidesk_link::LinkConfig::default()
-        }
-    }
-}
+/// `[tunnel]`: multiplexer sizing, shared with the agent's configuration.
+pub use unidesk_link::TunnelConfig;
 
 /// `[desired]`: where the service catalog (`config.json`) is.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

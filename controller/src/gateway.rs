@@ -360,7 +360,7 @@ async fn tunnel_stream(
             },
         ),
         Err(e) => {
-            tracing::warn!(agent = %agent, target, reason = %e, "egress refused");
+            tracing::warn!(agent = %agent, dest = %target, reason = %e, "egress refused");
             (
                 None,
                 TunnelReply::Refused {
@@ -376,7 +376,7 @@ async fn tunnel_stream(
         return;
     }
     if let Some(tcp) = tcp.as_mut() {
-        tracing::debug!(agent = %agent, target, "egress connected");
+        tracing::debug!(agent = %agent, dest = %target, "egress connected");
         let _ = tokio::io::copy_bidirectional(&mut stream, tcp).await;
     }
     let _ = stream.shutdown().await;

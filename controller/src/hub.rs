@@ -299,13 +299,19 @@ impl Hub {
             deadline_unix_ms: now + u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX / 2),
             spec,
         };
-        let mut record = JobRecord {
+        let tx = self.sender(agent);
+        // One durable write: the record says whether the launch goes out now or waits.
+        let record = JobRecord {
             schema: JOB_SCHEMA,
             job_id: job_id.clone(),
             kind: launch.spec.kind(),
             agent: agent.clone(),
             run_id,
-            status: JobStatus::Queued,
+            status: if tx.is_some() {
+                JobStatus::Dispatched
+            } else {
+                JobStatus::Queued
+            },
             created_unix_ms: now,
             updated_unix_ms: now,
             reason: None,
@@ -315,11 +321,6 @@ impl Hub {
         };
         self.store.save(&record)?;
         let (log, _) = self.store.open_events(&job_id)?;
-        let tx = self.sender(agent);
-        if tx.is_some() {
-            record.status = JobStatus::Dispatched;
-            self.store.save(&record)?;
-        }
         lock(&self.jobs).insert(
             job_id.clone(),
             OpenJob {

@@ -142,6 +142,7 @@ pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
             },
             link: LinkTiming::default(),
             runtime: Runtime::default(),
+            tunnel: Default::default(),
             event_window: 8192,
             base_dir: PathBuf::new(),
         };

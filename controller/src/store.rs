@@ -390,7 +390,7 @@ mod tests {
         let (_, last) = store.open_events(&job.job_id).unwrap();
         assert_eq!(last, 2);
         assert_eq!(store.read_events(&job.job_id).unwrap().len(), 2);
-        let tail = store.tail_events(&job.job_id, 30).unwrap();
+        let tail = store.tail_events(&job.job_id, 100).unwrap();
         assert!(
             tail.contains("line 2") && !tail.contains("line 1"),
             "{tail}"

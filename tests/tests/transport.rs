@@ -292,3 +292,279 @@ fn the_same_launch_delivered_twice_runs_once() {
     assert_eq!(starts, 1, "the probe step ran more than once");
     assert_exactly_once(&setup, &job_id, 50_000);
 }
+
+fn agent_proxy(setup: &Setup, id: &str) -> std::net::SocketAddr {
+    unidesk_agent::config::AgentConfig::load(&setup.agent_config(id))
+        .unwrap()
+        .proxy
+        .listen
+}
+
+/// Sends `CONNECT target` to the agent's proxy and returns the whole answer.
+fn raw_connect(proxy: std::net::SocketAddr, target: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn git_fetches_through_the_tunnel_over_http_and_https_and_only_to_allowed_targets() {
+    use crate::support::service::{SampleRepo, Served};
+    use unidesk_agent::launch::materialize::{FetchNet, MirrorCache};
+
+    let setup = Setup::new(&["git"]);
+    let controller = setup.controller();
+    let _agent = setup.agent("git");
+    setup.wait_agents(&["git"]);
+    let root = setup.dir.join("git-root");
+    std::fs::create_dir_all(&root).unwrap();
+    let repo = SampleRepo::create(&root, "fetched").unwrap();
+    let commit = repo
+        .commit("only commit", &[("README", "hello\n")])
+        .unwrap();
+    let http = Served::start(&root);
+    let (https, ca) = Served::start_tls(&root);
+    let proxy = format!("http://{}", agent_proxy(&setup, "git"));
+    let cancel = tokio_util::sync::CancellationToken::new();
+
+    for (name, server, extra_ca) in [("http", &http, None), ("https", &https, Some(ca.clone()))] {
+        let cache = MirrorCache::new(setup.dir.join(format!("mirrors-{name}")));
+        let url = server.server.url("fetched.git");
+        let net = FetchNet {
+            proxy: Some(proxy.clone()),
+            extra_ca_pem: extra_ca.map(String::into_bytes),
+        };
+        let mirror = cache
+            .fetch(&url, &net, &cancel, |_| {})
+            .unwrap_or_else(|e| panic!("{name} fetch through the tunnel: {e}"));
+        assert_eq!(mirror.resolve(&commit.to_string()[..7]).unwrap(), commit);
+        // The controller made the outbound connection: the tunnel carried it.
+        let port = server.server.addr().port();
+        let seen = (0..50).any(|_| {
+            let found = controller
+                .log_text()
+                .lines()
+                .any(|l| l.contains("egress connected") && l.contains(&format!(":{port}")));
+            if !found {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            found
+        });
+        assert!(
+            seen,
+            "{name}: no egress to :{port} in the controller log:\n{}",
+            controller.log_text()
+        );
+    }
+
+    let net = FetchNet {
+        proxy: Some(proxy.clone()),
+        extra_ca_pem: None,
+    };
+
+    // A target outside the allowlist: the fetch fails, and the proxy's answer names the
+    // target and the rule that refused it.
+    let cache = MirrorCache::new(setup.dir.join("mirrors-refused"));
+    let refused = cache.fetch("http://127.0.0.2:9/x.git", &net, &cancel, |_| {});
+    let Err(err) = refused else {
+        panic!("a fetch outside the allowlist must fail")
+    };
+    let err = err.to_string();
+    assert!(err.contains("127.0.0.2:9"), "{err}");
+    let answer = raw_connect(agent_proxy(&setup, "git"), "127.0.0.2:9");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("egress to 127.0.0.2:9 refused") && answer.contains("no rule"),
+        "{answer}"
+    );
+    let answer = raw_connect(agent_proxy(&setup, "git"), "10.1.2.3:443");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let ctl = controller.log_text();
+    assert!(
+        ctl.contains("egress refused") && ctl.contains("127.0.0.2:9"),
+        "{ctl}"
+    );
+}
+
+#[test]
+fn probes_complete_while_a_gigabyte_flows_through_the_tunnel() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const TOTAL: u64 = 1 << 30;
+    let setup = Setup::new(&["bulk"]);
+    let _controller = setup.controller();
+    let _agent = setup.agent("bulk");
+    setup.wait_agents(&["bulk"]);
+
+    let source = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let source_addr = source.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut peer, _)) = source.accept() {
+            let chunk = vec![0x5au8; 256 * 1024];
+            let mut sent = 0;
+            while sent < TOTAL {
+                if peer.write_all(&chunk).is_err() {
+                    return;
+                }
+                sent += chunk.len() as u64;
+            }
+        }
+    });
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let proxy = agent_proxy(&setup, "bulk");
+    let reader = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
+        write!(
+            s,
+            "CONNECT {source_addr} HTTP/1.1\r\nHost: {source_addr}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    wait_for(
+        "the bulk transfer to start",
+        Duration::from_secs(20),
+        || (received.load(Ordering::Relaxed) > 16 << 20).then_some(()),
+    );
+    let mut probes = 0;
+    while received.load(Ordering::Relaxed) < TOTAL * 3 / 4 && probes < 20 {
+        let started = std::time::Instant::now();
+        let out = probe(&setup, "bulk", 10, Some(20_000));
+        assert_eq!(out["ok"], true, "{out}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "probe took {:?}",
+            started.elapsed()
+        );
+        probes += 1;
+    }
+    let during = received.load(Ordering::Relaxed);
+    assert!(probes >= 1, "no probe ran during the transfer");
+    assert!(
+        during < TOTAL,
+        "probes completed while the transfer was still running"
+    );
+    reader.join().unwrap();
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        TOTAL,
+        "every byte arrived"
+    );
+}
+
+#[test]
+fn garbage_frames_close_only_their_own_connection() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use unidesk_protocol::{AgentFrame, Hello, Wire};
+
+    let setup = Setup::new(&["steady", "raw"]);
+    let controller = setup.controller();
+    let _steady = setup.agent("steady");
+    setup.wait_agents(&["steady"]);
+    let raw = unidesk_agent::config::AgentConfig::load(&setup.agent_config("raw")).unwrap();
+    let tls = unidesk_agent::conn::tls_config(&raw).unwrap();
+    let (host, port) = unidesk_agent::conn::url_host_port(&raw.controller.url).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let hello = AgentFrame::Hello(Hello {
+        agent_id: raw.id.clone(),
+        agent_version: "test".into(),
+        capabilities: vec![],
+        credential: raw.secret.clone().unwrap(),
+    })
+    .encode()
+    .unwrap();
+    let mut wrong_version = hello.clone();
+    wrong_version[1] = 99;
+    let mut truncated = hello.clone();
+    truncated.truncate(hello.len() / 2);
+    let cases: Vec<(&str, bool, Vec<u8>, &str)> = vec![
+        (
+            "garbage first frame",
+            false,
+            vec![0xde, 0xad, 0xbe, 0xef],
+            "protocol version",
+        ),
+        ("wrong version", false, wrong_version, "protocol version 99"),
+        ("truncated Hello", false, truncated, "malformed agent frame"),
+        (
+            "garbage after Hello",
+            true,
+            vec![0, 1, 250, 1, 2],
+            "malformed agent frame",
+        ),
+        ("oversized frame", true, vec![0u8; 5 << 20], ""),
+    ];
+    for (name, say_hello, payload, expected) in cases {
+        let reason = rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .unwrap();
+            let name_ = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
+            let tls = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name_, tcp)
+                .await
+                .unwrap();
+            let (mut ws, _) = tokio_tungstenite::client_async(raw.controller.url.as_str(), tls)
+                .await
+                .unwrap();
+            if say_hello {
+                ws.send(Message::Binary(hello.clone().into()))
+                    .await
+                    .unwrap();
+                // Welcome
+                let _ = ws.next().await;
+            }
+            let _ = ws.send(Message::Binary(payload.into())).await;
+            let mut reason = None;
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                match m {
+                    Ok(Message::Close(frame)) => {
+                        reason = Some(frame.map(|f| f.reason.to_string()).unwrap_or_default());
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => {
+                        reason = Some(String::new());
+                        break;
+                    }
+                }
+            }
+            reason.unwrap_or_else(|| panic!("{name}: the connection was not closed"))
+        });
+        assert!(reason.contains(expected), "{name}: close reason {reason:?}");
+        // The steady agent is unaffected.
+        let out = probe(&setup, "steady", 1, Some(20_000));
+        assert_eq!(out["ok"], true, "{name}: {out}");
+    }
+    let log = controller.log_text();
+    assert!(log.contains("protocol version 99"), "{log}");
+    assert!(log.contains("malformed agent frame"), "{log}");
+}

@@ -623,13 +623,29 @@ async fn connect_probe(proxy: &str, target: &str) -> Result<(), BuildError> {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
         match response.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => {
+            Ok(httparse::Status::Complete(head_len)) => {
                 let code = response.code.unwrap_or(0);
                 if (200..300).contains(&code) {
                     return Ok(());
                 }
-                let reason = response.reason.unwrap_or("");
-                return Err(fail(format!("the proxy answered {code} {reason}")));
+                let reason = response.reason.unwrap_or("").to_owned();
+                // The proxy explains a refusal in the body (which rule, which target): keep it.
+                let mut body = head[head_len..].to_vec();
+                while body.len() < PROBE_HEAD_LIMIT {
+                    match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut chunk))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+                        _ => break,
+                    }
+                }
+                let body = String::from_utf8_lossy(&body).trim().to_owned();
+                let detail = if body.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {body}")
+                };
+                return Err(fail(format!("the proxy answered {code} {reason}{detail}")));
             }
             Ok(httparse::Status::Partial) if head.len() < PROBE_HEAD_LIMIT => continue,
             Ok(httparse::Status::Partial) => {

@@ -301,10 +301,18 @@ impl MirrorCache {
             return Err(MaterializeError::Cancelled { repo: mirror.url });
         }
         let verifier = net.extra_ca_pem.as_deref().map(ca_verifier).transpose()?;
+        // libgit2 sends plain-http requests meant for a proxy straight to the origin server
+        // (libgit2 issue 5650), which would leave the tunnel: such remotes are fetched from
+        // the proxy itself, with the upstream named in the path. https goes by CONNECT.
+        let via_proxy = net
+            .proxy
+            .as_deref()
+            .and_then(|proxy| crate::egress::path_named_url(proxy, url));
+        let remote_url = via_proxy.as_deref().unwrap_or(url);
         let mut remote =
             mirror
                 .repo
-                .remote_anonymous(url)
+                .remote_anonymous(remote_url)
                 .map_err(|source| MaterializeError::Fetch {
                     repo: mirror.url.clone(),
                     path: mirror.path.clone(),
@@ -339,7 +347,7 @@ impl MirrorCache {
         let mut options = FetchOptions::new();
         options.remote_callbacks(callbacks);
         options.download_tags(AutotagOption::None);
-        if let Some(proxy) = &net.proxy {
+        if let (Some(proxy), None) = (&net.proxy, &via_proxy) {
             let mut proxy_options = ProxyOptions::new();
             proxy_options.url(proxy);
             options.proxy_options(proxy_options);

@@ -23,7 +23,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use unidesk_bench::report::{Machine, Table, print, write_json};
-use unidesk_bench::setup::{Nofile, Setup, agent_ids, free_port, raise_nofile, target_dir};
+use unidesk_bench::setup::{
+    Nofile, Setup, agent_ids, default_parent, free_port, raise_nofile, target_dir,
+};
 use unidesk_bench::sim_agent::{self, Counters, Target};
 use unidesk_bench::stats::Summary;
 use unidesk_controller::admin::AdminRequest;
@@ -54,9 +56,9 @@ struct Args {
     /// Timed launches, spread round-robin over the agents.
     #[arg(long, default_value_t = 1000)]
     launches: usize,
-    /// Untimed launches before the timed ones.
-    #[arg(long, default_value_t = 50)]
-    warmup: usize,
+    /// Untimed launches before the timed ones (default: 50, or 20 with --quick).
+    #[arg(long)]
+    warmup: Option<usize>,
     /// Agents connecting at the same time.
     #[arg(long, default_value_t = 32)]
     connect_concurrency: usize,
@@ -71,6 +73,10 @@ struct Args {
     /// Skip the memory measurement (no separate controller process).
     #[arg(long)]
     skip_memory: bool,
+    /// Directory for the generated setups and the job store (default: `target/bench/tmp`).
+    /// Point it at a tmpfs such as `/dev/shm` to see the round trip without disk flushes.
+    #[arg(long)]
+    setup_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -175,12 +181,32 @@ async fn launch(hub: &Hub, agent: &AgentId) -> anyhow::Result<(Duration, Duratio
     }
 }
 
+/// The reference: one crash-safe write of a job-record-sized file (write, fsync, rename,
+/// fsync the directory) with the store's own function, on the same disk, between launches.
+async fn atomic_write(path: &std::path::Path) -> anyhow::Result<Duration> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let bytes = vec![b' '; 1024];
+        let started = Instant::now();
+        unidesk_agent::atomic::write_file(&path, &bytes, 0o644)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(started.elapsed())
+    })
+    .await
+    .context("the reference write panicked")?
+}
+
+fn warmup(args: &Args) -> usize {
+    args.warmup.unwrap_or(if args.quick { 20 } else { 50 })
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 struct RttResult {
     total: Summary,
+    write: Summary,
     submit: Summary,
     after_submit: Summary,
     connect_all: Duration,
@@ -226,19 +252,25 @@ async fn measure_rtt(
     let mut total = Vec::with_capacity(args.launches);
     let mut submit = Vec::with_capacity(args.launches);
     let mut after = Vec::with_capacity(args.launches);
-    for i in 0..args.warmup + args.launches {
+    let mut write = Vec::with_capacity(args.launches);
+    let reference = setup.dir.path().join("reference.json");
+    let warmup = warmup(args);
+    for i in 0..warmup + args.launches {
         let (agent, _) = &agents[i % n];
         let (s, t) = launch(&hub, agent).await?;
-        if i >= args.warmup {
+        let w = atomic_write(&reference).await?;
+        if i >= warmup {
             submit.push(ms(s));
             total.push(ms(t));
             after.push(ms(t.saturating_sub(s)));
+            write.push(ms(w));
         }
     }
     let accepted = counters.accepted.load(Ordering::Relaxed);
     cancel.cancel();
     Ok(RttResult {
         total: Summary::of(&total).context("no launches timed")?,
+        write: Summary::of(&write).context("no launches timed")?,
         submit: Summary::of(&submit).context("no launches timed")?,
         after_submit: Summary::of(&after).context("no launches timed")?,
         connect_all: took,
@@ -270,7 +302,7 @@ fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 async fn measure_memory(
     args: &Args,
     n: usize,
-    target_dir: &std::path::Path,
+    parent: &std::path::Path,
 ) -> anyhow::Result<MemoryResult> {
     let binary = match &args.controller_bin {
         Some(b) => b.clone(),
@@ -287,7 +319,7 @@ async fn measure_memory(
         );
     }
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let setup = Setup::init(target_dir, &agent_ids(n)?, listen, PROXY_PORT_BASE)?;
+    let setup = Setup::init(parent, &agent_ids(n)?, listen, PROXY_PORT_BASE)?;
     let agents = credentials(&setup, n)?;
     let config = setup.report.controller_config.clone();
     let socket = setup.controller.path(&setup.controller.admin.socket);
@@ -384,15 +416,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let target_dir = target_dir()?;
     // Both ends of every connection may be in this process (the round trip), plus one open
     // event log per launched job and the runtime's own files.
-    let want = u64::try_from(2 * n + args.launches + args.warmup + 1024)?;
+    let want = u64::try_from(2 * n + args.launches + warmup(&args) + 1024)?;
     let nofile: Nofile = raise_nofile(want)?;
 
+    let parent = args
+        .setup_dir
+        .clone()
+        .unwrap_or_else(|| default_parent(&target_dir));
+
     let started = Instant::now();
-    let rtt = measure_rtt(&args, n, &target_dir).await?;
+    let rtt = measure_rtt(&args, n, &parent).await?;
     let memory = if args.skip_memory {
         None
     } else {
-        Some(measure_memory(&args, n, &target_dir).await?)
+        Some(measure_memory(&args, n, &parent).await?)
     };
     let elapsed = started.elapsed();
 
@@ -425,6 +462,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "{:.2} / {:.2} ms",
             rtt.after_submit.p50, rtt.after_submit.p99
         ),
+        String::new(),
+        String::new(),
+    ]);
+    table.row(vec![
+        "reference: one crash-safe 1 KiB write (fsync) p50 / p99".into(),
+        format!("{:.2} / {:.2} ms", rtt.write.p50, rtt.write.p99),
         String::new(),
         String::new(),
     ]);
@@ -466,11 +509,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "quick": args.quick,
         "agents": n,
         "launches": args.launches,
-        "warmup": args.warmup,
+        "warmup": warmup(&args),
         "measure": "hub.submit call → job record in the store reads `running`",
+        "setup_dir": parent,
         "round_trip_ms": rtt.total,
         "submit_call_ms": rtt.submit,
         "after_submit_ms": rtt.after_submit,
+        "reference_atomic_write_ms": rtt.write,
         "accepted_by_agents": rtt.accepted,
         "connect_all_seconds": rtt.connect_all.as_secs_f64(),
         "goal_p99_ms": GOAL_P99_MS,
@@ -493,9 +538,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         format!("RLIMIT_NOFILE {} (enough)", nofile.before)
     };
     print(&format!(
-        "## Launch round trip and controller memory ({})\n\n{}\n{raised}\n\n{}",
+        "## Launch round trip and controller memory ({})\n\n{}\n{raised}; job store under {}\n\n{}",
         if args.quick { "quick" } else { "full" },
         machine.line(),
+        parent.display(),
         table.render(),
     ));
     print(&format!("written to {}", json.display()));

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use unidesk_agent::egress::BoxedStream;
 use unidesk_bench::report::{Machine, Table, mb_per_s, print, write_json};
-use unidesk_bench::setup::{Setup, agent_ids, free_port, target_dir};
+use unidesk_bench::setup::{Setup, agent_ids, default_parent, free_port, process_cpu, target_dir};
 use unidesk_bench::source::{self, Direction, Request};
 use unidesk_bench::stats::Summary;
 use unidesk_controller::config::TunnelConfig;
@@ -50,7 +50,7 @@ struct Args {
     /// Which way the bytes flow: `down` (source → client, like a fetch) or `up`.
     #[arg(long, value_enum, default_value = "down")]
     direction: Direction,
-    /// Rounds per path and stream count (default: 3 quick, 7 full).
+    /// Rounds per path and stream count (default: 5 quick, 7 full).
     #[arg(long)]
     rounds: Option<usize>,
     /// MiB carried by the single stream (default: 128 quick, 1024 full).
@@ -143,14 +143,15 @@ impl Endpoints {
     }
 
     /// Opens `streams` streams on `path`, then moves `bytes` on each at once; returns the
-    /// aggregate throughput in MB/s, timed from the first request to the last byte.
+    /// aggregate throughput in MB/s, timed from the first request to the last byte, and the
+    /// bytes moved per CPU-second this process (every end of the path) spent meanwhile.
     async fn measure(
         &self,
         path: Path,
         streams: usize,
         bytes: u64,
         direction: Direction,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<Sample> {
         let opened = futures::future::try_join_all((0..streams).map(|_| self.open(path)));
         let mut opened = tokio::time::timeout(RUN_DEADLINE, opened)
             .await
@@ -160,6 +161,7 @@ impl Endpoints {
             len: bytes,
         };
         let started = Instant::now();
+        let cpu = process_cpu();
         let moved = futures::future::try_join_all(
             opened
                 .iter_mut()
@@ -175,7 +177,12 @@ impl Endpoints {
             })?
             .with_context(|| format!("{}: transfer failed", path.name()))?;
         let seconds = started.elapsed().as_secs_f64();
-        Ok(mb_per_s(bytes * streams as u64, seconds))
+        let cpu_seconds = process_cpu().saturating_sub(cpu).as_secs_f64();
+        let total = bytes * streams as u64;
+        Ok(Sample {
+            mb_per_s: mb_per_s(total, seconds),
+            mb_per_cpu_s: mb_per_s(total, cpu_seconds),
+        })
     }
 
     /// Time to a stream ready for its request, in milliseconds.
@@ -198,6 +205,16 @@ impl Endpoints {
         .context("closing a set-up sample")??;
         Ok(ms)
     }
+}
+
+/// One measured transfer.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// Aggregate throughput, MB per wall-clock second.
+    mb_per_s: f64,
+    /// MB moved per CPU-second of this process: the cost of a byte, which a busy machine
+    /// disturbs less than the throughput.
+    mb_per_cpu_s: f64,
 }
 
 /// Reads an HTTP response head byte by byte (nothing follows it until the request is sent).
@@ -229,6 +246,7 @@ struct Row {
     path: Path,
     mb_per_s: Summary,
     samples: Vec<f64>,
+    mb_per_cpu_s: Summary,
 }
 
 #[tokio::main]
@@ -248,7 +266,7 @@ async fn main() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let machine = Machine::detect();
-    let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 7 }).max(1);
+    let rounds = args.rounds.unwrap_or(if args.quick { 5 } else { 7 }).max(1);
     let single = args
         .single_mib
         .unwrap_or(if args.quick { 128 } else { 1024 })
@@ -263,7 +281,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let target = target_dir()?;
     let cancel = CancellationToken::new();
     let setup = Setup::init(
-        &target,
+        &default_parent(&target),
         &agent_ids(1)?,
         "127.0.0.1:0".parse()?,
         free_port()?,
@@ -298,6 +316,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (mut agent, secret) = setup.agent(0)?;
     agent.controller.url = format!("wss://{}:{}/agent", gateway.ip(), gateway.port());
+    // Downloads are limited by the agent's receive window, uploads by the controller's.
+    agent.tunnel = tunnel.clone();
     let proxy = agent.proxy.listen;
     let tls_client = unidesk_agent::conn::tls_config(&agent).map_err(anyhow::Error::msg)?;
     {
@@ -342,16 +362,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let scenarios = [(1usize, single), (streams, per_stream)];
-    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); paths.len()]; scenarios.len()];
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); paths.len()]; scenarios.len()];
     for round in 0..rounds {
         for (s, &(count, bytes)) in scenarios.iter().enumerate() {
             // Rotating the order each round spreads any drift over all paths.
             for k in 0..paths.len() {
                 let p = (k + round) % paths.len();
-                let mbps = endpoints
+                let sample = endpoints
                     .measure(paths[p], count, bytes, args.direction)
                     .await?;
-                samples[s][p].push(mbps);
+                samples[s][p].push(sample);
             }
         }
     }
@@ -374,17 +394,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "min–max MB/s",
         "spread",
         "÷ TLS",
+        "MB per CPU-s",
+        "÷ TLS",
     ]);
     let mut ratios = serde_json::Map::new();
     let mut verdicts = Vec::new();
     let tls_index = paths.iter().position(|&p| p == Path::DirectTls);
     let product_index = paths.iter().position(|&p| p == Path::Product);
     for (s, &(count, bytes)) in scenarios.iter().enumerate() {
-        let summaries: Vec<Summary> = samples[s]
-            .iter()
-            .map(|v| Summary::of(v).context("no samples"))
-            .collect::<anyhow::Result<_>>()?;
+        let of = |f: fn(&Sample) -> f64| -> anyhow::Result<Vec<Summary>> {
+            samples[s]
+                .iter()
+                .map(|v| Summary::of(&v.iter().map(f).collect::<Vec<_>>()).context("no samples"))
+                .collect()
+        };
+        let summaries = of(|x| x.mb_per_s)?;
+        let cpu = of(|x| x.mb_per_cpu_s)?;
         let tls = tls_index.map(|i| summaries[i].median);
+        let tls_cpu = tls_index.map(|i| cpu[i].median);
         for (p, summary) in summaries.iter().enumerate() {
             table.row(vec![
                 count.to_string(),
@@ -394,13 +421,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 format!("{:.0}–{:.0}", summary.min, summary.max),
                 format!("{:.0}%", summary.spread() * 100.0),
                 tls.map_or_else(String::new, |t| format!("{:.2}", summary.median / t)),
+                format!("{:.0}", cpu[p].median),
+                tls_cpu.map_or_else(String::new, |t| format!("{:.2}", cpu[p].median / t)),
             ]);
             rows.push(Row {
                 streams: count,
                 bytes_per_stream: bytes,
                 path: paths[p],
                 mb_per_s: summary.clone(),
-                samples: samples[s][p].clone(),
+                samples: samples[s][p].iter().map(|x| x.mb_per_s).collect(),
+                mb_per_cpu_s: cpu[p].clone(),
             });
         }
         if let (Some(tls), Some(product)) = (tls, product_index) {

@@ -41,13 +41,27 @@ pub struct Served {
 
 impl Served {
     pub fn start(root: &Path) -> Served {
+        Self::start_with(root, None)
+    }
+
+    /// Serves over HTTPS with a certificate for `localhost` signed by the returned CA.
+    pub fn start_tls(root: &Path) -> (Served, String) {
+        let pki = unidesk_controller::pki::generate(&["localhost".to_string()]).expect("pki");
+        let tls = unidesk_controller::gitserve::GitTls {
+            cert_pem: pki.server_cert_pem.clone(),
+            key_pem: pki.server_key_pem.clone(),
+        };
+        (Self::start_with(root, Some(tls)), pki.ca_cert_pem)
+    }
+
+    fn start_with(root: &Path, tls: Option<unidesk_controller::gitserve::GitTls>) -> Served {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
         let server = rt
-            .block_on(GitServer::start(root.to_path_buf(), None))
+            .block_on(GitServer::start(root.to_path_buf(), tls))
             .expect("start git server");
         Served { server, _rt: rt }
     }
