@@ -356,3 +356,22 @@ fn the_demo_runs_end_to_end() {
         assert_eq!(&result["resolvedCommit"], commit);
     }
 }
+
+#[test]
+fn config_disagreeing_with_the_running_service_fails_before_the_build() {
+    let f = Fixture::new("disagree");
+    let a = f.commit("version A", "$UNIDESK_DEPLOY_COMMIT", "");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&f.catalog).unwrap()).unwrap();
+    config["microservices"][0]["deployment"]["image"] = json!("somebody-else:latest");
+    std::fs::write(&f.catalog, serde_json::to_vec(&config).unwrap()).unwrap();
+    let running = f.compose.container_id();
+    let (code, out) = f.apply(&a, &[]);
+    assert_eq!(code, 1, "{out}");
+    let reason = f.job(&out)["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("somebody-else:latest") && reason.contains("unidesk-test-disagree"),
+        "both images named: {reason}"
+    );
+    assert!(!started_steps(&f.events(&out)).contains(&"build".to_string()));
+    assert_eq!(f.compose.container_id(), running);
+}

@@ -568,3 +568,35 @@ fn garbage_frames_close_only_their_own_connection() {
     assert!(log.contains("protocol version 99"), "{log}");
     assert!(log.contains("malformed agent frame"), "{log}");
 }
+
+#[test]
+fn a_cancelled_launch_stops_and_says_why() {
+    let setup = Setup::new(&["stop"]);
+    let _controller = setup.controller();
+    let _agent = setup.agent("stop");
+    setup.wait_agents(&["stop"]);
+    let job = probe(&setup, "stop", 50_000_000, None);
+    let job_id = job["jobId"].as_str().unwrap().to_string();
+    wait_for("the launch to run", Duration::from_secs(30), || {
+        (stored_count(&setup, &job_id) > 100).then_some(())
+    });
+    let out = setup.cli_json(&[
+        "job",
+        "cancel",
+        &job_id,
+        "--reason",
+        "operator changed their mind",
+    ]);
+    assert_eq!(out["ok"], true, "{out}");
+    let done = wait_for("the job to end cancelled", Duration::from_secs(30), || {
+        let job = setup.job(&job_id);
+        (job["status"] == "cancelled").then_some(job)
+    });
+    let reason = done["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("operator changed their mind"), "{done}");
+    assert!(stored_count(&setup, &job_id) < 50_000_000, "stopped early");
+    // A finished job cannot be cancelled again.
+    let (code, _, err) = setup.cli(&["job", "cancel", &job_id]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("already finished"), "{err}");
+}

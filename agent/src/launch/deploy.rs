@@ -92,6 +92,25 @@ pub(super) async fn run(
         .await
         .map_err(|e| (LaunchStatus::Failed, e.to_string()))?;
 
+    // The image tag the service really runs is the one to build; config naming another one
+    // means config and the running Compose service disagree, which is settled before any
+    // build, not guessed.
+    if current.image != spec.image {
+        return Err((
+            LaunchStatus::Failed,
+            format!(
+                "config.json says service {} runs image {}, but its running container {} \
+                 (compose project {}, service {}) runs {}; fix config.json or the compose \
+                 file before deploying",
+                spec.service_id,
+                spec.image,
+                current.name,
+                current.project,
+                current.service,
+                current.image
+            ),
+        ));
+    }
     if !spec.force
         && let Some(status) = live_matches(&docker, &current, &full, spec).await
     {
