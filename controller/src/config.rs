@@ -101,11 +101,17 @@ fn default_connect_timeout_ms() -> u64 {
 /// `[tunnel]`: multiplexer sizing, shared with the agent's configuration.
 pub use unidesk_link::TunnelConfig;
 
-/// `[desired]`: where the service catalog (`config.json`) is.
+/// `[desired]`: where the service catalog (`config.json`) is, and which repository holds the
+/// desired-state branches that `--env` reads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredConfig {
     pub catalog: PathBuf,
+    /// URL of the desired-state repository `deploy plan|apply --env` fetches (`--repository`
+    /// overrides it). Only the repository is configurable: the refs read are fixed by the
+    /// program (`deploy/dev`, `deploy/prod`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
 }
 
 /// `[[agents]]`: one agent id and the SHA-256 of its secret. The secret itself is never kept.

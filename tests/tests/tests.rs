@@ -6,5 +6,6 @@
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
 mod deploy;
+mod environments;
 mod support;
 mod transport;

@@ -1,25 +1,35 @@
 //! `deploy apply|plan|check`: read the desired state, join it with `config.json`, guard, and
 //! launch one deploy job per service on the agent of the service's node.
 //!
-//! Planning is the pure `desired` module; this file only loads files, talks to the admin
-//! socket and prints JSON.
+//! The desired state comes from a local file (`--file`, the compatibility path) or, in
+//! environment mode (`--env dev|prod`), from the environment's fixed ref of the desired-state
+//! repository, fetched into a controller-side mirror; never from a local file then. Planning is
+//! the pure `desired` module; this file only loads files, fetches, talks to the admin socket
+//! and prints JSON.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use serde_json::json;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use unidesk_agent::launch::materialize::{FetchNet, MaterializeError, MirrorCache};
 
 use super::{CliError, output};
 use crate::admin::AdminRequest;
 use crate::config::ControllerConfig;
 use crate::desired::catalog::{self, Catalog};
-use crate::desired::manifest::{self, Manifest};
-use crate::desired::plan::{self, LiveState, Plan};
+use crate::desired::env as desired_env;
+use crate::desired::manifest::{self, Environment, Manifest};
+use crate::desired::plan::{self, LiveState, Plan, PlanError};
 use crate::store::JobRecord;
 
 /// How long after the build deadline a deploy job may still run (fetch, recreate, verify).
 const DEPLOY_MARGIN: Duration = Duration::from_secs(600);
+
+/// How long fetching the desired-state repository may take.
+const FETCH_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Options of `deploy apply`.
 #[derive(Debug, Clone, Default)]
@@ -28,6 +38,53 @@ pub struct ApplyOptions {
     pub force: bool,
     pub dry_run: bool,
     pub wait: Option<Duration>,
+}
+
+/// Where a deploy verb takes `deploy.json` from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A local file (`--file`).
+    File(PathBuf),
+    /// The environment's fixed ref of the desired-state repository (`--env`); `repository`
+    /// is the `--repository` flag, else `desired.repository` is used.
+    Environment {
+        env: Environment,
+        repository: Option<String>,
+    },
+}
+
+impl Source {
+    /// The environment the verb runs for, if any.
+    pub fn environment(&self) -> Option<Environment> {
+        match self {
+            Source::File(_) => None,
+            Source::Environment { env, .. } => Some(*env),
+        }
+    }
+}
+
+/// Which commit and blob of which repository an environment's `deploy.json` came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestOrigin {
+    /// The desired-state repository, without user info.
+    pub repository: String,
+    /// The fixed ref read (`origin/deploy/dev` or `origin/deploy/prod`).
+    pub desired_ref: &'static str,
+    /// Full SHA of the commit the ref pointed at.
+    pub manifest_commit: String,
+    /// Git blob id of `deploy.json` in that commit.
+    pub manifest_blob: String,
+}
+
+/// The desired state as read, before planning.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub manifest: Manifest,
+    /// `None` for a local file.
+    pub environment: Option<Environment>,
+    /// Set in environment mode.
+    pub origin: Option<ManifestOrigin>,
 }
 
 /// Loads `config.json` from `--catalog` or the controller config's `desired.catalog`.
@@ -53,20 +110,139 @@ pub fn load_manifest(path: &Path) -> Result<Manifest, CliError> {
     manifest::load(path).map_err(|e| CliError::Input(e.into()))
 }
 
-/// Plans `manifest` against `catalog` without live state (the node is asked by the launch).
+/// Refuses `deploy apply --env prod` before anything is fetched or contacted. The program
+/// itself disables it; no config value, flag or manifest field turns it on.
+pub fn refuse_prod_apply(source: &Source) -> Result<(), CliError> {
+    if source.environment() == Some(Environment::Prod) {
+        return Err(CliError::Input(
+            anyhow::Error::new(PlanError::ProdApplyDisabled)
+                .context("refused by the program before fetching or contacting any agent"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the desired state from `source`: the local file, or the environment's fixed ref of
+/// the desired-state repository fetched into `<store.dir>/mirrors`.
+pub async fn load_desired(config: &ControllerConfig, source: &Source) -> Result<Desired, CliError> {
+    let (env, flag) = match source {
+        Source::File(path) => {
+            return Ok(Desired {
+                manifest: load_manifest(path)?,
+                environment: None,
+                origin: None,
+            });
+        }
+        Source::Environment { env, repository } => (*env, repository.as_deref()),
+    };
+    let url = flag
+        .or_else(|| config.desired.as_ref()?.repository.as_deref())
+        .ok_or_else(|| {
+            CliError::Input(anyhow!(
+                "--env {env} reads {} of the desired-state repository, but none is set: pass \
+                 --repository URL or set desired.repository in the controller config",
+                env.desired_ref()
+            ))
+        })?
+        .to_owned();
+    let cache = MirrorCache::new(config.path(&config.store.dir).join("mirrors"));
+    let cancel = CancellationToken::new();
+    let fetch_cancel = cancel.clone();
+    // git2 blocks: fetch and read in a blocking task, under a deadline that cancels the
+    // transfer at its next progress callback.
+    let task = tokio::task::spawn_blocking(move || {
+        let mirror = cache
+            .fetch(&url, &FetchNet::default(), &fetch_cancel, |line| {
+                tracing::info!("{line}");
+            })
+            .map_err(fetch_error)?;
+        let read =
+            desired_env::read_manifest(&mirror, env).map_err(|e| CliError::Input(e.into()))?;
+        Ok::<_, CliError>((mirror.url().to_owned(), read))
+    });
+    let (repository, read) = match tokio::time::timeout(FETCH_DEADLINE, task).await {
+        Ok(joined) => joined
+            .context("the desired-state fetch task failed")
+            .map_err(CliError::Failed)??,
+        Err(_) => {
+            cancel.cancel();
+            return Err(CliError::Unreachable(anyhow!(
+                "fetching the desired-state repository took longer than {}s",
+                FETCH_DEADLINE.as_secs()
+            )));
+        }
+    };
+    let manifest = manifest::parse(&read.bytes)
+        .with_context(|| {
+            format!(
+                "deploy.json at {} ({}) of {repository}",
+                env.desired_ref(),
+                read.commit
+            )
+        })
+        .map_err(CliError::Input)?;
+    tracing::info!(
+        desired_ref = env.desired_ref(),
+        commit = %read.commit,
+        blob = %read.blob,
+        "read the desired state"
+    );
+    Ok(Desired {
+        manifest,
+        environment: Some(env),
+        origin: Some(ManifestOrigin {
+            repository,
+            desired_ref: env.desired_ref(),
+            manifest_commit: read.commit,
+            manifest_blob: read.blob,
+        }),
+    })
+}
+
+/// A fetch that failed on the network is "unreachable" (exit 3); a bad URL or mirror is input.
+fn fetch_error(e: MaterializeError) -> CliError {
+    match e {
+        MaterializeError::Fetch { .. } | MaterializeError::Cancelled { .. } => {
+            CliError::Unreachable(e.into())
+        }
+        other => CliError::Input(other.into()),
+    }
+}
+
+/// Plans the desired state against `catalog` without live state (the node is asked by the
+/// launch). In environment mode the manifest must declare that environment.
+pub fn plan_desired(
+    desired: &Desired,
+    catalog: &Catalog,
+    service: Option<&str>,
+) -> Result<Plan, CliError> {
+    plan_for(&desired.manifest, desired.environment, catalog, service)
+}
+
+/// Plans a local `deploy.json` against `catalog` without live state.
 pub fn plan_file(
     manifest: &Manifest,
     catalog: &Catalog,
     service: Option<&str>,
 ) -> Result<Plan, CliError> {
+    plan_for(manifest, None, catalog, service)
+}
+
+fn plan_for(
+    manifest: &Manifest,
+    env: Option<Environment>,
+    catalog: &Catalog,
+    service: Option<&str>,
+) -> Result<Plan, CliError> {
     let services = manifest
-        .services_for(None)
+        .services_for(env)
         .map_err(|e| CliError::Input(e.into()))?;
-    plan::plan(services, catalog, None, service, &LiveState::default())
+    plan::plan(services, catalog, env, service, &LiveState::default())
         .map_err(|e| CliError::Input(e.into()))
 }
 
-/// Guards, then submits one deploy launch per planned service. Returns the job records.
+/// Plans a local `deploy.json`, guards, then submits one deploy launch per planned service.
+/// Returns the job records.
 pub async fn apply(
     config: &ControllerConfig,
     manifest: &Manifest,
@@ -74,7 +250,19 @@ pub async fn apply(
     options: &ApplyOptions,
 ) -> Result<Vec<JobRecord>, CliError> {
     let plan = plan_file(manifest, catalog, options.service.as_deref())?;
-    plan::apply_guard(None, &plan, catalog, options.service.as_deref())
+    submit(config, None, &plan, catalog, options).await
+}
+
+/// Guards `plan` for `env` (the apply's `--env`, `None` for a file), then submits one deploy
+/// launch per planned service: the one submit path of every apply. Returns the job records.
+pub async fn submit(
+    config: &ControllerConfig,
+    env: Option<Environment>,
+    plan: &Plan,
+    catalog: &Catalog,
+    options: &ApplyOptions,
+) -> Result<Vec<JobRecord>, CliError> {
+    plan::apply_guard(env, plan, catalog, options.service.as_deref())
         .map_err(|e| CliError::Input(e.into()))?;
     // Every spec is built before anything is sent, so one bad service stops the whole apply.
     let mut launches = Vec::new();
@@ -105,30 +293,34 @@ pub async fn apply(
     Ok(jobs)
 }
 
-/// `deploy apply` as the CLI runs it: submit, print, and optionally wait.
+/// `deploy apply` as the CLI runs it: plan, guard, submit, print, and optionally wait.
 pub async fn apply_and_report(
     config: &ControllerConfig,
-    manifest: &Manifest,
+    desired: &Desired,
     catalog: &Catalog,
     options: &ApplyOptions,
 ) -> Result<Vec<JobRecord>, CliError> {
-    let jobs = apply(config, manifest, catalog, options).await?;
+    let plan = plan_desired(desired, catalog, options.service.as_deref())?;
+    let jobs = submit(config, desired.environment, &plan, catalog, options).await?;
     let Some(wait) = options.wait else {
         let config_path = config.base_dir.join("controller.toml");
-        output::json(&json!({
-            "ok": true,
-            "jobs": jobs.iter().map(|j| json!({
-                "jobId": j.job_id,
-                "agent": j.agent,
-                "status": j.status,
-                "service": service_of(j),
-            })).collect::<Vec<_>>(),
-            "next": jobs.iter().map(|j| format!(
-                "unidesk-controller job status {} --config {}",
-                j.job_id,
-                config_path.display()
-            )).collect::<Vec<_>>(),
-        }));
+        output::json(&with_origin(
+            desired,
+            json!({
+                "ok": true,
+                "jobs": jobs.iter().map(|j| json!({
+                    "jobId": j.job_id,
+                    "agent": j.agent,
+                    "status": j.status,
+                    "service": service_of(j),
+                })).collect::<Vec<_>>(),
+                "next": jobs.iter().map(|j| format!(
+                    "unidesk-controller job status {} --config {}",
+                    j.job_id,
+                    config_path.display()
+                )).collect::<Vec<_>>(),
+            }),
+        ));
         return Ok(jobs);
     };
     let store = super::jobs::store(config)?;
@@ -146,7 +338,7 @@ pub async fn apply_and_report(
             "logTail": store.tail_events(&j.job_id, 4000).unwrap_or_default(),
         }));
     }
-    output::json(&json!({ "ok": ok, "jobs": rows }));
+    output::json(&with_origin(desired, json!({ "ok": ok, "jobs": rows })));
     if !ok {
         let failed: Vec<String> = finished
             .iter()
@@ -179,8 +371,21 @@ fn service_of(job: &JobRecord) -> Option<String> {
     }
 }
 
-/// `deploy plan|check` for a local file: the plan as JSON. Live state is asked by each
-/// deploy launch on its node, so lines stay `unknown` here until the live-state query lands.
-pub fn print_plan(plan: &Plan) {
-    output::json(&json!({ "ok": true, "plan": plan }));
+/// `deploy plan|check`: the plan as JSON, with the manifest's origin in environment mode. Live
+/// state is asked by each deploy launch on its node, so lines stay `unknown` here until the
+/// live-state query lands.
+pub fn print_plan(desired: &Desired, plan: &Plan) {
+    output::json(&with_origin(desired, json!({ "ok": true, "plan": plan })));
+}
+
+/// Adds `repository`, `desiredRef`, `manifestCommit` and `manifestBlob` to a top-level JSON
+/// object in environment mode.
+fn with_origin(desired: &Desired, mut out: Value) -> Value {
+    if let (Some(origin), Value::Object(map)) = (&desired.origin, &mut out) {
+        map.insert("repository".into(), json!(origin.repository));
+        map.insert("desiredRef".into(), json!(origin.desired_ref));
+        map.insert("manifestCommit".into(), json!(origin.manifest_commit));
+        map.insert("manifestBlob".into(), json!(origin.manifest_blob));
+    }
+    out
 }

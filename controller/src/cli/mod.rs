@@ -119,17 +119,43 @@ pub enum Command {
     },
 }
 
+/// Where `deploy.json` comes from: exactly one of `--file` and `--env`.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("desired_source").required(true).args(["file", "env"])))]
 pub struct DesiredArgs {
     /// A local deploy.json (the compatibility path; environment mode reads fixed refs).
     #[arg(long)]
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
+    /// Environment mode: read deploy.json from the desired-state repository's fixed ref
+    /// (dev: origin/deploy/dev, prod: origin/deploy/prod), never from a local file.
+    #[arg(long, value_name = "dev|prod")]
+    pub env: Option<crate::desired::Environment>,
+    /// The desired-state repository URL for --env (default: `desired.repository` of the
+    /// controller config).
+    #[arg(long, value_name = "URL", requires = "env")]
+    pub repository: Option<String>,
     /// config.json (default: `desired.catalog` of the controller config).
     #[arg(long)]
     pub catalog: Option<PathBuf>,
     /// Only this service.
     #[arg(long)]
     pub service: Option<String>,
+}
+
+impl DesiredArgs {
+    /// The source the flags name; clap's group guarantees exactly one of them.
+    fn source(&self) -> Result<deploy::Source, CliError> {
+        match (&self.file, self.env) {
+            (Some(file), None) => Ok(deploy::Source::File(file.clone())),
+            (None, Some(env)) => Ok(deploy::Source::Environment {
+                env,
+                repository: self.repository.clone(),
+            }),
+            _ => Err(CliError::Input(anyhow::anyhow!(
+                "pass exactly one of --file PATH and --env dev|prod"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,25 +275,29 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             wait_ms,
             config,
         }) => {
+            let source = desired.source()?;
+            // First: no config, catalog or manifest is read, nothing fetched or contacted.
+            deploy::refuse_prod_apply(&source)?;
             let config = config.load()?;
             let catalog = deploy::load_catalog(&config, desired.catalog.as_deref())?;
-            let manifest = deploy::load_manifest(&desired.file)?;
+            let loaded = deploy::load_desired(&config, &source).await?;
             let options = deploy::ApplyOptions {
                 service: desired.service,
                 force,
                 dry_run,
                 wait: wait_ms.map(Duration::from_millis),
             };
-            deploy::apply_and_report(&config, &manifest, &catalog, &options)
+            deploy::apply_and_report(&config, &loaded, &catalog, &options)
                 .await
                 .map(|_| ())
         }
         Command::Deploy(DeployCommand::Plan { desired, config }) => {
+            let source = desired.source()?;
             let config = config.load()?;
             let catalog = deploy::load_catalog(&config, desired.catalog.as_deref())?;
-            let manifest = deploy::load_manifest(&desired.file)?;
-            let plan = deploy::plan_file(&manifest, &catalog, desired.service.as_deref())?;
-            deploy::print_plan(&plan);
+            let loaded = deploy::load_desired(&config, &source).await?;
+            let plan = deploy::plan_desired(&loaded, &catalog, desired.service.as_deref())?;
+            deploy::print_plan(&loaded, &plan);
             Ok(())
         }
         Command::Demo { dir } => crate::demo::run(dir).await,

@@ -9,6 +9,7 @@
 
 pub mod catalog;
 mod document;
+pub mod env;
 pub mod manifest;
 pub mod plan;
 
