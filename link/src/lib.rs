@@ -125,9 +125,9 @@ pub fn websocket_config() -> WebSocketConfig {
     cfg.max_message_size = Some(MAX_FRAME_BYTES);
     cfg.max_frame_size = Some(MAX_FRAME_BYTES);
     // tungstenite keeps (and zero-fills) its whole read buffer per connection; the 128 KiB
-    // default costs an idle agent's session that much on the controller. 16 KiB reads keep
+    // default costs an idle agent's session that much on the controller. 8 KiB reads keep
     // tunnel throughput (measured with bench/tunnel) at a fraction of the memory.
-    cfg.read_buffer_size = 16 * 1024;
+    cfg.read_buffer_size = 8 * 1024;
     cfg
 }
 
