@@ -7,5 +7,6 @@ pub mod conn;
 pub mod egress;
 pub mod events;
 pub mod launch;
+pub mod logging;
 pub mod rundir;
 pub mod service;

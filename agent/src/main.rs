@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 use unidesk_agent::config::{AgentConfig, DEFAULT_CONFIG};
 use unidesk_protocol::Secret;
 
@@ -38,13 +37,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("UNIDESK_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    unidesk_agent::logging::init("info");
     let code = match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {

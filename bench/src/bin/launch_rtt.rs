@@ -21,7 +21,6 @@ use clap::Parser;
 use futures::StreamExt;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 use unidesk_bench::report::{Machine, Table, print, write_json};
 use unidesk_bench::setup::{
     Nofile, Setup, agent_ids, default_parent, free_port, raise_nofile, target_dir,
@@ -81,13 +80,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("UNIDESK_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    unidesk_agent::logging::init("warn");
     if let Err(e) = run(Args::parse()).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -16,7 +16,6 @@ use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 use unidesk_agent::egress::BoxedStream;
 use unidesk_bench::report::{Machine, Table, mb_per_s, print, write_json};
 use unidesk_bench::setup::{Setup, agent_ids, default_parent, free_port, process_cpu, target_dir};
@@ -251,13 +250,7 @@ struct Row {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("UNIDESK_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    unidesk_agent::logging::init("warn");
     if let Err(e) = run(Args::parse()).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
