@@ -381,6 +381,24 @@ fn git_fetches_through_the_tunnel_over_http_and_https_and_only_to_allowed_target
         answer.contains("egress to 127.0.0.2:9 refused") && answer.contains("no rule"),
         "{answer}"
     );
+    // The deploy's source probe (the step before every fetch) reports the same refusal.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (log, _lines) =
+        unidesk_agent::launch::steplog::StepLog::channel(unidesk_protocol::Step::Materialize, 64);
+    let probe_err = rt
+        .block_on(unidesk_agent::launch::build::probe_proxy(
+            &proxy,
+            "127.0.0.2:9",
+            Duration::from_secs(10),
+            &log,
+            "target_source_proxy_probe",
+        ))
+        .expect_err("the probe of a refused target fails")
+        .to_string();
+    assert!(
+        probe_err.contains("egress to 127.0.0.2:9 refused") && probe_err.contains("no rule"),
+        "{probe_err}"
+    );
     let answer = raw_connect(agent_proxy(&setup, "git"), "10.1.2.3:443");
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     let ctl = controller.log_text();
