@@ -110,6 +110,9 @@ pub enum Command {
     /// Desired-state deploys.
     #[command(subcommand)]
     Deploy(DeployCommand),
+    /// Dev-environment checks (static; nothing is contacted).
+    #[command(subcommand)]
+    DevEnv(DevEnvCommand),
     /// Run the embedded default end to end: a controller, an agent, a sample service in a
     /// local Git repository, two deploys and their verification.
     Demo {
@@ -117,6 +120,46 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevEnvCommand {
+    /// Check Kubernetes manifests for the dev environment: objects only in the dev namespace,
+    /// no NodePort/LoadBalancer, no hostPort/hostNetwork, no production DATABASE_URL.
+    /// Prints `{ok, manifest, objects, violations}`; exit 2 on any violation.
+    Validate {
+        /// The multi-document YAML manifest to check.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The dev namespace every object must be in.
+        #[arg(long, default_value = crate::desired::devenv::DEV_NAMESPACE)]
+        namespace: String,
+    },
+}
+
+/// Runs `dev-env validate`: prints the report, exit 2 on violations or unreadable input.
+fn dev_env_validate(manifest: &std::path::Path, namespace: &str) -> Result<(), CliError> {
+    use crate::desired::devenv;
+    let text = std::fs::read_to_string(manifest)
+        .map_err(|e| CliError::Input(anyhow::anyhow!("cannot read {}: {e}", manifest.display())))?;
+    let report = devenv::validate(&text, namespace)
+        .map_err(|e| CliError::Input(anyhow::anyhow!("{}: {e}", manifest.display())))?;
+    output::json(&serde_json::json!({
+        "ok": report.ok(),
+        "manifest": manifest.display().to_string(),
+        "namespace": report.namespace,
+        "objects": report.objects,
+        "violations": report.violations,
+    }));
+    if report.ok() {
+        Ok(())
+    } else {
+        Err(CliError::Input(anyhow::anyhow!(
+            "{}: {} dev-env violation(s)",
+            manifest.display(),
+            report.violations.len()
+        )))
+    }
 }
 
 /// Where `deploy.json` comes from: exactly one of `--file` and `--env`.
@@ -300,6 +343,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             deploy::print_plan(&loaded, &plan);
             Ok(())
         }
+        Command::DevEnv(DevEnvCommand::Validate {
+            manifest,
+            namespace,
+        }) => dev_env_validate(&manifest, &namespace),
         Command::Demo { dir } => crate::demo::run(dir).await,
     }
 }

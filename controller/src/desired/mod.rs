@@ -8,6 +8,7 @@
 //! configuration can change it or enable a prod apply.
 
 pub mod catalog;
+pub mod devenv;
 mod document;
 pub mod env;
 pub mod manifest;
