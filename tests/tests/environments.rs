@@ -330,4 +330,10 @@ fn dev_plan_with_the_agent_offline_reports_unknown() {
         );
     }
     assert_eq!(out["manifestCommit"], w.dev.0.to_string());
+    // `deploy check` reads the same ref and reports the same lines, changing nothing.
+    let (code, check, err) = w.deploy("check", "dev", &[]);
+    assert_eq!(code, 0, "{err}\n{check}");
+    let check: Value = serde_json::from_str(&check).unwrap();
+    assert_eq!(check["plan"], out["plan"]);
+    assert_eq!(check["manifestCommit"], out["manifestCommit"]);
 }

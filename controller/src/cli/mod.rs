@@ -226,6 +226,15 @@ pub enum DeployCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// The live state against the desired state, changing nothing. Until agents answer
+    /// live-state queries this is the same dry-run plan as `plan` (the seed's `deploy check
+    /// --env` is that plan too); lines whose live state is not known say `unknown`.
+    Check {
+        #[command(flatten)]
+        desired: DesiredArgs,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -334,7 +343,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .await
                 .map(|_| ())
         }
-        Command::Deploy(DeployCommand::Plan { desired, config }) => {
+        Command::Deploy(
+            DeployCommand::Plan { desired, config } | DeployCommand::Check { desired, config },
+        ) => {
             let source = desired.source()?;
             let config = config.load()?;
             let catalog = deploy::load_catalog(&config, desired.catalog.as_deref())?;
