@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -20,13 +20,7 @@ use unidesk_protocol::{
 
 use crate::store::{EventLog, JOB_SCHEMA, JobRecord, JobStatus, JobStore, StoreError};
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub use unidesk_agent::events::now_ms;
 
 /// A connected agent, as `agents` shows it.
 #[derive(Debug, Clone, Serialize)]

@@ -393,6 +393,21 @@ impl Mirror {
         &self.path
     }
 
+    /// The commit the mirror's ref `name` (e.g. `refs/heads/deploy/dev`) points at, or `None`
+    /// when the mirror has no such ref.
+    pub fn ref_commit(&self, name: &str) -> Result<Option<Oid>> {
+        let git = |source| MaterializeError::Git {
+            repo: self.url.clone(),
+            what: format!("ref {name}"),
+            source,
+        };
+        match self.repo.find_reference(name) {
+            Ok(found) => found.peel_to_commit().map(|c| Some(c.id())).map_err(git),
+            Err(err) if err.code() == git2::ErrorCode::NotFound => Ok(None),
+            Err(err) => Err(git(err)),
+        }
+    }
+
     /// Resolves a commit id as `deploy.json` gives it (4 to 40 hex characters, any case) to
     /// the full id of a commit in the mirror. A prefix matched by no commit or by several is
     /// an error naming the candidates. Refs and other revision syntax are refused.

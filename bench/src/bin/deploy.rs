@@ -118,11 +118,7 @@ fn progress(message: &str) {
     eprintln!("deploy bench: {message}");
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use unidesk_agent::events::now_ms;
 
 // ---------------------------------------------------------------------------------------------
 // Processes.

@@ -6,7 +6,7 @@
 //! decide anything. The ref is never configurable: it is [`Environment::desired_ref`] mapped to
 //! the branch the mirror keeps (`origin/deploy/dev` is `refs/heads/deploy/dev`).
 
-use git2::{ErrorCode, ObjectType, Oid, Repository};
+use git2::{ObjectType, Oid};
 use unidesk_agent::launch::materialize::{MaterializeError, Mirror};
 
 use super::manifest::Environment;
@@ -42,21 +42,13 @@ pub enum EnvError {
         desired_ref: &'static str,
         reference: String,
     },
-    /// The ref exists but does not lead to a commit.
-    #[error("{reference} in {repo} does not point at a commit")]
-    NotACommit {
-        repo: String,
+    /// The ref could not be read or does not lead to a commit.
+    #[error("reading {reference} of the desired-state repository")]
+    Ref {
         reference: String,
+        // Boxed: the materialize error is large and this one travels by value.
         #[source]
-        source: git2::Error,
-    },
-    /// libgit2 failed reading the mirror.
-    #[error("reading {what} in the mirror of {repo}")]
-    Git {
-        repo: String,
-        what: String,
-        #[source]
-        source: git2::Error,
+        source: Box<MaterializeError>,
     },
     /// `deploy.json` is missing from the commit, not a file, or too large.
     #[error("reading {MANIFEST_PATH} from {desired_ref}")]
@@ -79,33 +71,18 @@ pub fn mirror_ref(env: Environment) -> String {
 /// Reads `deploy.json` at the commit `env`'s desired-state ref points at in `mirror`. Blocking.
 pub fn read_manifest(mirror: &Mirror, env: Environment) -> Result<DesiredManifest, EnvError> {
     let reference = mirror_ref(env);
-    let git = |what: &str| {
-        let repo = mirror.url().to_owned();
-        let what = what.to_owned();
-        move |source| EnvError::Git { repo, what, source }
-    };
-    // `Mirror` keeps its repository to itself; a second handle on the same directory only reads.
-    let repo = Repository::open_bare(mirror.path()).map_err(git("the repository"))?;
-    let found = match repo.find_reference(&reference) {
-        Ok(found) => found,
-        Err(err) if err.code() == ErrorCode::NotFound => {
-            return Err(EnvError::RefMissing {
-                repo: mirror.url().to_owned(),
-                env,
-                desired_ref: env.desired_ref(),
-                reference,
-            });
-        }
-        Err(err) => return Err(git(&reference)(err)),
-    };
-    let commit = found
-        .peel_to_commit()
-        .map_err(|source| EnvError::NotACommit {
-            repo: mirror.url().to_owned(),
+    let commit = mirror
+        .ref_commit(&reference)
+        .map_err(|source| EnvError::Ref {
             reference: reference.clone(),
-            source,
+            source: Box::new(source),
         })?
-        .id();
+        .ok_or_else(|| EnvError::RefMissing {
+            repo: mirror.url().to_owned(),
+            env,
+            desired_ref: env.desired_ref(),
+            reference: reference.clone(),
+        })?;
     let bytes = mirror
         .read_blob(commit, MANIFEST_PATH, MAX_MANIFEST_BYTES)
         .map_err(|source| EnvError::Manifest {
@@ -113,7 +90,14 @@ pub fn read_manifest(mirror: &Mirror, env: Environment) -> Result<DesiredManifes
             source: Box::new(source),
         })?;
     // The id Git gives these bytes as a blob is the id of the tree entry just read.
-    let blob = Oid::hash_object(ObjectType::Blob, &bytes).map_err(git(MANIFEST_PATH))?;
+    let blob = Oid::hash_object(ObjectType::Blob, &bytes).map_err(|source| EnvError::Manifest {
+        desired_ref: env.desired_ref(),
+        source: Box::new(MaterializeError::Git {
+            repo: mirror.url().to_owned(),
+            what: MANIFEST_PATH.to_owned(),
+            source,
+        }),
+    })?;
     Ok(DesiredManifest {
         commit: commit.to_string(),
         blob: blob.to_string(),
@@ -124,7 +108,7 @@ pub fn read_manifest(mirror: &Mirror, env: Environment) -> Result<DesiredManifes
 #[cfg(test)]
 mod tests {
     use super::*;
-    use git2::Signature;
+    use git2::{Repository, Signature};
     use unidesk_agent::launch::materialize::MirrorCache;
 
     /// Commits `files` on `branch` of the bare repository (a root commit each time).
@@ -147,6 +131,19 @@ mod tests {
         .unwrap()
     }
 
+    /// Fetches `<dir>/origin.git` into a mirror under `<dir>/mirrors`.
+    fn fetched(dir: &std::path::Path) -> Mirror {
+        let url = format!("file://{}", dir.join("origin.git").display());
+        MirrorCache::new(dir.join("mirrors"))
+            .fetch(
+                &url,
+                &Default::default(),
+                &tokio_util::sync::CancellationToken::new(),
+                |_| {},
+            )
+            .unwrap()
+    }
+
     #[test]
     fn the_mirror_ref_is_the_fixed_branch() {
         assert_eq!(mirror_ref(Environment::Dev), "refs/heads/deploy/dev");
@@ -159,16 +156,7 @@ mod tests {
         let origin = Repository::init_bare(dir.path().join("origin.git")).unwrap();
         commit_on(&origin, "master", &[("deploy.json", "master")]);
         let dev = commit_on(&origin, "deploy/dev", &[("deploy.json", "dev")]);
-        let url = format!("file://{}", dir.path().join("origin.git").display());
-        let cache = MirrorCache::new(dir.path().join("mirrors"));
-        let mirror = cache
-            .fetch(
-                &url,
-                &Default::default(),
-                &tokio_util::sync::CancellationToken::new(),
-                |_| {},
-            )
-            .unwrap();
+        let mirror = fetched(dir.path());
 
         let read = read_manifest(&mirror, Environment::Dev).unwrap();
         assert_eq!(read.commit, dev.to_string());
@@ -193,15 +181,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let origin = Repository::init_bare(dir.path().join("origin.git")).unwrap();
         commit_on(&origin, "deploy/dev", &[("README", "no manifest here")]);
-        let url = format!("file://{}", dir.path().join("origin.git").display());
-        let mirror = MirrorCache::new(dir.path().join("mirrors"))
-            .fetch(
-                &url,
-                &Default::default(),
-                &tokio_util::sync::CancellationToken::new(),
-                |_| {},
-            )
-            .unwrap();
+        let mirror = fetched(dir.path());
         let err = read_manifest(&mirror, Environment::Dev).unwrap_err();
         let chain = format!("{:#}", anyhow::Error::new(err));
         assert!(
