@@ -8,8 +8,10 @@
 
 pub mod build;
 pub mod compose;
+pub mod containerd;
 mod deploy;
 pub mod dockerignore;
+pub mod k8s;
 pub mod materialize;
 pub mod probe;
 pub mod steplog;

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod kube_double;
+pub mod registry;
 pub mod service;
 
 /// Where the workspace's binaries are: beside this test binary's `deps/` directory.

@@ -1,0 +1,1 @@
+//! KubeApiDouble: the one test double of this project, a thin stand-in for the Kubernetes API server.

@@ -1,0 +1,1 @@
+//! A Docker registry (Debian's `docker-registry`) on loopback, for registry-pull tests.
