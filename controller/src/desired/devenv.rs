@@ -3,13 +3,19 @@
 //!
 //! [`validate`] is a pure function over multi-document YAML text. Each rule that an object
 //! breaks becomes one [`Violation`] naming the object (`Kind/name` and its document index)
-//! and the rule:
+//! and the rule. The placement and exposure rules are the agent's
+//! [`manifest::guard`](unidesk_agent::launch::k8s::manifest::guard) — the same check the k3s
+//! executor applies before anything reaches the cluster — so there is one implementation:
 //!
 //! - [`RULE_NAMESPACE`]: every namespaced object sits in the dev namespace; a `Namespace`
 //!   object may only be that namespace itself; other cluster-scoped kinds are not allowed.
-//! - [`RULE_SERVICE_TYPE`]: no `Service` of type `NodePort` or `LoadBalancer`.
+//! - [`RULE_SERVICE_TYPE`]: no `Service` of type `NodePort` or `LoadBalancer`, no `nodePort`.
 //! - [`RULE_HOST_PORT`]: no `hostPort` in any container port of a pod spec.
-//! - [`RULE_HOST_NETWORK`]: no `hostNetwork: true` in a pod spec.
+//! - [`RULE_HOST_NETWORK`], [`RULE_HOST_PID`], [`RULE_HOST_IPC`]: no host namespaces in a
+//!   pod spec; [`RULE_PRIVILEGED`]: no privileged containers.
+//!
+//! Rules of this validator only:
+//!
 //! - [`RULE_DATABASE_URL`]: no production-looking literal `DATABASE_URL` (container env,
 //!   or a `ConfigMap`/`Secret` key of that name).
 //! - [`RULE_OBJECT`]: a document that is not a Kubernetes object (no `kind` or name).
@@ -18,7 +24,13 @@
 
 use serde::Serialize;
 use serde::de::Deserialize as _;
-use serde_yaml_ng::Value;
+use serde_json::Value;
+use unidesk_agent::launch::k8s::manifest::{self, CONTAINER_LISTS};
+
+pub use unidesk_agent::launch::k8s::manifest::{
+    RULE_HOST_IPC, RULE_HOST_NETWORK, RULE_HOST_PID, RULE_HOST_PORT, RULE_NAMESPACE,
+    RULE_PRIVILEGED, RULE_SERVICE_TYPE,
+};
 
 /// The dev namespace `dev-env validate` checks against by default.
 pub const DEV_NAMESPACE: &str = "unidesk-dev";
@@ -27,37 +39,10 @@ pub const DEV_DATABASE: &str = "unidesk_dev";
 /// The production namespace's service domain; a dev URL must never contain it.
 const PROD_SERVICE_DOMAIN: &str = ".unidesk.svc";
 
-/// Rule: objects only in the dev namespace.
-pub const RULE_NAMESPACE: &str = "namespace";
-/// Rule: no NodePort or LoadBalancer services.
-pub const RULE_SERVICE_TYPE: &str = "service-type";
-/// Rule: no `hostPort` in container ports.
-pub const RULE_HOST_PORT: &str = "host-port";
-/// Rule: no `hostNetwork: true`.
-pub const RULE_HOST_NETWORK: &str = "host-network";
 /// Rule: no production-looking `DATABASE_URL`.
 pub const RULE_DATABASE_URL: &str = "database-url";
 /// Rule: every document is a Kubernetes object with a kind and a name.
 pub const RULE_OBJECT: &str = "object";
-
-/// Kinds that are not namespaced (besides `Namespace`, handled on its own).
-const CLUSTER_SCOPED: &[&str] = &[
-    "APIService",
-    "CSIDriver",
-    "CSINode",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "CustomResourceDefinition",
-    "IngressClass",
-    "MutatingWebhookConfiguration",
-    "Node",
-    "PersistentVolume",
-    "PriorityClass",
-    "RuntimeClass",
-    "StorageClass",
-    "ValidatingWebhookConfiguration",
-    "VolumeAttachment",
-];
 
 /// A manifest that cannot be read as YAML.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -110,8 +95,8 @@ pub fn validate(yaml_text: &str, namespace: &str) -> Result<Report, DevEnvError>
         })?;
         match value {
             Value::Null => {}
-            Value::Mapping(_) if kind_of(&value) == Some("List") => {
-                let items = value.get("items").and_then(Value::as_sequence);
+            Value::Object(_) if kind_of(&value) == Some("List") => {
+                let items = value.get("items").and_then(Value::as_array);
                 for item in items.into_iter().flatten() {
                     check_object(item, index, namespace, &mut report);
                 }
@@ -143,7 +128,7 @@ fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Repo
             detail,
         });
     };
-    let (Some(kind), Some(name)) = (kind, name) else {
+    let (Some(kind), Some(_)) = (kind, name) else {
         flag(
             RULE_OBJECT,
             "not a Kubernetes object: kind and metadata.name are required".into(),
@@ -151,48 +136,9 @@ fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Repo
         return;
     };
 
-    // Namespace placement.
-    let object_ns = metadata
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str);
-    if kind == "Namespace" {
-        if name != namespace {
-            flag(
-                RULE_NAMESPACE,
-                format!("Namespace {name:?} is not the dev namespace {namespace:?}"),
-            );
-        }
-    } else if CLUSTER_SCOPED.contains(&kind) {
-        flag(
-            RULE_NAMESPACE,
-            format!("cluster-scoped kind {kind} is outside the dev namespace {namespace:?}"),
-        );
-    } else {
-        match object_ns {
-            Some(ns) if ns == namespace => {}
-            Some(ns) => flag(
-                RULE_NAMESPACE,
-                format!("metadata.namespace is {ns:?}, not the dev namespace {namespace:?}"),
-            ),
-            None => flag(
-                RULE_NAMESPACE,
-                format!("metadata.namespace is missing; it must be {namespace:?}"),
-            ),
-        }
-    }
-
-    // Service exposure.
-    if kind == "Service" {
-        let service_type = object
-            .get("spec")
-            .and_then(|s| s.get("type"))
-            .and_then(Value::as_str);
-        if let Some(t @ ("NodePort" | "LoadBalancer")) = service_type {
-            flag(
-                RULE_SERVICE_TYPE,
-                format!("spec.type is {t}; dev services must be ClusterIP"),
-            );
-        }
+    // Placement and exposure: the shared guard.
+    for violation in manifest::guard(object, namespace) {
+        flag(violation.rule, violation.detail);
     }
 
     // DATABASE_URL kept in a ConfigMap or Secret.
@@ -215,33 +161,18 @@ fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Repo
         }
     }
 
-    // Pod specs.
-    let Some((path, pod)) = pod_spec(kind, object) else {
+    // DATABASE_URL in container env.
+    let Some((path, pod)) = manifest::pod_spec(kind, object) else {
         return;
     };
-    if pod.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
-        flag(RULE_HOST_NETWORK, format!("{path}.hostNetwork is true"));
-    }
-    for list in ["initContainers", "containers", "ephemeralContainers"] {
-        let containers = pod.get(list).and_then(Value::as_sequence);
+    for list in CONTAINER_LISTS {
+        let containers = pod.get(list).and_then(Value::as_array);
         for container in containers.into_iter().flatten() {
             let cname = container
                 .get("name")
                 .and_then(Value::as_str)
                 .unwrap_or("<no name>");
-            let ports = container.get("ports").and_then(Value::as_sequence);
-            for port in ports.into_iter().flatten() {
-                if let Some(host_port) = port.get("hostPort") {
-                    flag(
-                        RULE_HOST_PORT,
-                        format!(
-                            "{path}.{list}[{cname}] declares hostPort {}",
-                            scalar_text(host_port)
-                        ),
-                    );
-                }
-            }
-            let env = container.get("env").and_then(Value::as_sequence);
+            let env = container.get("env").and_then(Value::as_array);
             for var in env.into_iter().flatten() {
                 if var.get("name").and_then(Value::as_str) != Some("DATABASE_URL") {
                     continue;
@@ -255,34 +186,6 @@ fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Repo
                 }
             }
         }
-    }
-}
-
-/// The pod spec of a workload kind and its path, if the kind has one.
-fn pod_spec<'a>(kind: &str, object: &'a Value) -> Option<(&'static str, &'a Value)> {
-    let spec = object.get("spec")?;
-    match kind {
-        "Pod" => Some(("spec", spec)),
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
-            Some(("spec.template.spec", spec.get("template")?.get("spec")?))
-        }
-        "CronJob" => Some((
-            "spec.jobTemplate.spec.template.spec",
-            spec.get("jobTemplate")?
-                .get("spec")?
-                .get("template")?
-                .get("spec")?,
-        )),
-        _ => None,
-    }
-}
-
-fn scalar_text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        _ => "<non-scalar>".into(),
     }
 }
 
@@ -475,5 +378,23 @@ mod tests {
             ]
         );
         assert_eq!(report.objects, 2);
+    }
+
+    #[test]
+    fn devenv_uses_the_executor_guard_rules() {
+        let text = "kind: Service\nmetadata: {name: s, namespace: unidesk-dev}\n\
+                    spec: {ports: [{port: 80, nodePort: 30080}]}\n---\n\
+                    kind: Pod\nmetadata: {name: p, namespace: unidesk-dev}\n\
+                    spec: {hostPID: true, hostIPC: true, containers: \
+                    [{name: c, securityContext: {privileged: true}}]}\n";
+        assert_eq!(
+            pairs(&run(text)),
+            [
+                ("Service/s#0", RULE_SERVICE_TYPE),
+                ("Pod/p#1", RULE_HOST_PID),
+                ("Pod/p#1", RULE_HOST_IPC),
+                ("Pod/p#1", RULE_PRIVILEGED),
+            ]
+        );
     }
 }
