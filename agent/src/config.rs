@@ -148,11 +148,21 @@ impl Default for LinkTiming {
 
 /// `[runtime]`: the local daemons the agent drives.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Runtime {
     pub docker_socket: PathBuf,
+    /// k3s's own containerd, where images are imported (never Docker's).
     pub containerd_socket: PathBuf,
+    /// The containerd namespace the kubelet reads images from.
+    pub containerd_namespace: String,
+    /// The snapshotter imported images are unpacked for.
+    pub snapshotter: String,
+    /// The native k3s kubeconfig; the only way the agent reaches the cluster.
     pub kubeconfig: PathBuf,
+    /// The sandbox image every pod needs; pulled through the egress proxy when missing.
+    pub pause_image: String,
+    /// Images `dev-env prewarm-images` imports from the node's Docker into containerd.
+    pub prewarm_images: Vec<String>,
 }
 
 impl Default for Runtime {
@@ -160,7 +170,11 @@ impl Default for Runtime {
         Self {
             docker_socket: PathBuf::from("/var/run/docker.sock"),
             containerd_socket: PathBuf::from("/run/k3s/containerd/containerd.sock"),
+            containerd_namespace: "k8s.io".to_owned(),
+            snapshotter: "overlayfs".to_owned(),
             kubeconfig: PathBuf::from("/etc/rancher/k3s/k3s.yaml"),
+            pause_image: "rancher/mirrored-pause:3.6".to_owned(),
+            prewarm_images: Vec::new(),
         }
     }
 }

@@ -107,6 +107,9 @@ pub enum LaunchSpec {
     Probe(ProbeSpec),
     /// Build a service at a commit on this node and replace the running one.
     Deploy(DeploySpec),
+    /// Make the node's k3s containerd hold the images its pods need before any rollout: the
+    /// sandbox (pause) image and the foundation images listed in the agent's own config.
+    Prewarm,
 }
 
 impl LaunchSpec {
@@ -115,6 +118,7 @@ impl LaunchSpec {
         match self {
             LaunchSpec::Probe(_) => LaunchKind::Probe,
             LaunchSpec::Deploy(_) => LaunchKind::Deploy,
+            LaunchSpec::Prewarm => LaunchKind::Prewarm,
         }
     }
 }
@@ -125,6 +129,7 @@ impl LaunchSpec {
 pub enum LaunchKind {
     Probe,
     Deploy,
+    Prewarm,
 }
 
 /// See [`LaunchSpec::Probe`].
@@ -176,6 +181,52 @@ pub enum ExecutorSpec {
         project: Option<String>,
         service: String,
     },
+    /// A Deployment (or several) on the node's native k3s: the image is imported into k3s's
+    /// containerd, the service's objects from the manifest at the deployed commit are applied
+    /// and rolled out, and the live Deployment must prove the commit.
+    K3s(K3sSpec),
+}
+
+/// See [`ExecutorSpec::K3s`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K3sSpec {
+    /// Repository-relative path of the multi-document manifest, read at the deployed commit.
+    pub manifest: String,
+    /// The one namespace this service may touch in this environment.
+    pub namespace: String,
+    /// The service's Deployments and the container of each that runs the built image.
+    pub deployments: Vec<K3sDeployment>,
+    /// Health through the API server's service proxy.
+    pub health: Option<K3sHealth>,
+    /// The UniDesk route the frontend serves (`/api/microservices/<id>/health`), through the
+    /// frontend Service's proxy.
+    pub frontend_route: Option<K3sServicePort>,
+    /// A direct Docker container to stop and remove after a verified rollout.
+    pub legacy_container: Option<String>,
+    pub rollout_timeout_ms: u64,
+}
+
+/// One Deployment of a k3s service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K3sDeployment {
+    pub name: String,
+    pub container: String,
+}
+
+/// A Service port reached through the API server's service proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K3sServicePort {
+    pub service: String,
+    pub port: u16,
+}
+
+/// Where a k3s service reports `deploy.commit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct K3sHealth {
+    pub service: String,
+    pub port: u16,
+    /// Path below the service, starting with `/`.
+    pub path: String,
 }
 
 /// One event of a launch, numbered per launch from 1.
@@ -217,6 +268,8 @@ pub enum Step {
     Rollout,
     Recreate,
     Verify,
+    /// Checks before anything changes: the cluster answers, k3s is native, images present.
+    Preflight,
 }
 
 impl Step {
@@ -231,6 +284,7 @@ impl Step {
             Step::Rollout => "rollout",
             Step::Recreate => "recreate",
             Step::Verify => "verify",
+            Step::Preflight => "preflight",
         }
     }
 }
@@ -300,6 +354,30 @@ pub struct DeployOutcome {
     pub image: Option<String>,
     pub image_id: Option<String>,
     pub container_id: Option<String>,
+    /// What the k3s executor imported, applied and proved.
+    pub k3s: Option<Box<K3sOutcome>>,
+}
+
+/// The k3s side of a deploy outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct K3sOutcome {
+    /// The API server the node's kubeconfig names, and the SHA-256 of its CA (hex).
+    pub api_server: Option<String>,
+    pub ca_sha256: Option<String>,
+    /// The image as containerd records it, and its manifest digest.
+    pub image_ref: Option<String>,
+    pub manifest_digest: Option<String>,
+    /// The Deployments applied, with the generation that was rolled out.
+    pub deployments: Vec<AppliedDeployment>,
+    /// The legacy Docker container removed after the rollout.
+    pub legacy_removed: Option<String>,
+}
+
+/// A Deployment and the generation the apply produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedDeployment {
+    pub name: String,
+    pub generation: i64,
 }
 
 /// Facts an agent reports about itself.

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::support::service::{
     ComposeService, SampleRepo, Served, build_image, dockerfile, health, require_docker,
 };
-use crate::support::{Proc, Setup, free_port, wait_for};
+use crate::support::{Proc, Setup, free_port, path, started_steps, wait_for};
 
 /// One service under test: its repository, its Compose project, its agent and controller.
 struct Fixture {
@@ -137,25 +137,10 @@ impl Fixture {
     }
 }
 
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
-
 fn log_lines(events: &[Value]) -> Vec<String> {
     events
         .iter()
         .filter_map(|e| e["body"]["Log"]["line"].as_str().map(str::to_string))
-        .collect()
-}
-
-fn started_steps(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| {
-            e["body"]["StepStarted"]["step"]
-                .as_str()
-                .map(str::to_string)
-        })
         .collect()
 }
 
@@ -355,6 +340,19 @@ fn the_demo_runs_end_to_end() {
         assert_eq!(result["ok"], true);
         assert_eq!(&result["resolvedCommit"], commit);
     }
+    // The k3s path as far as this machine allows: imported, complete, unpacked, pinned — and
+    // apply/rollout reported as not run, never as done.
+    let k3s = &summary["k3s"];
+    assert_eq!(k3s["complete"], true, "{k3s}");
+    assert_eq!(k3s["unpacked"], true, "{k3s}");
+    assert_eq!(k3s["pinned"], true, "{k3s}");
+    assert!(
+        k3s["applyAndRollout"]
+            .as_str()
+            .is_some_and(|s| s.contains("were not run")),
+        "{k3s}"
+    );
+    assert!(stdout.contains("need a Kubernetes API server"), "{stdout}");
 }
 
 #[test]

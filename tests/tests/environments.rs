@@ -300,17 +300,33 @@ fn dev_apply_listing_code_queue_mgr_fails_before_any_change() {
     );
     assert!(w.jobs().is_empty(), "no job was created");
 
-    // Narrowed to an enabled service the guard passes; the dev backend-core is k3sctl-managed,
-    // whose executor is not built yet, so the apply stops there, still before any launch.
-    // FIXME: expect a job once the k3s executor lands.
-    let (code, out, err) = w.deploy("apply", "dev", &["--service", "backend-core"]);
-    assert_eq!(code, 2, "{err}\n{out}");
-    assert!(!err.contains("code-queue-mgr"), "{err}");
-    assert!(
-        err.contains("backend-core") && err.contains("executor is not built yet"),
-        "{err}"
+    // Narrowed to an enabled service the guard passes and the launch goes to d601's k3s
+    // executor, whose preflight finds no native k3s on this machine (no kubeconfig file): the
+    // job fails there, naming the kubeconfig, before anything is fetched or built.
+    let (code, out, err) = w.deploy(
+        "apply",
+        "dev",
+        &["--service", "backend-core", "--wait-ms", "60000"],
     );
-    assert!(w.jobs().is_empty());
+    assert_eq!(code, 1, "{err}\n{out}");
+    assert!(!err.contains("code-queue-mgr"), "{err}");
+    let jobs = w.jobs();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job_id = jobs[0]["jobId"].as_str().unwrap();
+    let job = w.setup.job(job_id);
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("/etc/rancher/k3s/k3s.yaml")),
+        "the failure names the kubeconfig: {job}"
+    );
+    let events = serde_json::to_string(&w.setup.job_events(job_id)).unwrap();
+    assert!(events.contains("preflight"), "{events}");
+    assert!(
+        !events.contains("materialize"),
+        "nothing was fetched before the preflight failed: {events}"
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 mod deploy;
 mod environments;
+mod k3s_deploy;
 mod k3s_import;
 mod kube_apply;
 mod support;

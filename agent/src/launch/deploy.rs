@@ -1,4 +1,5 @@
-//! The deploy launch for Compose services: materialize → build → recreate → verify.
+//! The deploy launch: Compose services here (materialize → build → recreate → verify); k3s
+//! services in [`super::k3s`], which reuses this module's materialize and build.
 //!
 //! Every step runs on this node: the commit is fetched into the node's mirror (through the
 //! egress tunnel unless the node's egress is direct), resolved to its full SHA, its tree is
@@ -29,9 +30,9 @@ const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the build context may sit between the tar writer and the Docker upload.
 const CONTEXT_BUFFER_CHUNKS: usize = 16;
 
-type Failed = (LaunchStatus, String);
+pub(super) type Failed = (LaunchStatus, String);
 
-fn failed(f: StepFailure) -> Failed {
+pub(super) fn failed(f: StepFailure) -> Failed {
     (LaunchStatus::Failed, f.0)
 }
 
@@ -52,6 +53,15 @@ fn repo_authority(url: &str) -> Option<String> {
     }
 }
 
+/// The egress proxy URL every fetch and build of this node goes through; `None` when the
+/// node's egress is direct.
+pub(super) fn proxy_url(config: &crate::config::AgentConfig) -> Option<String> {
+    match config.proxy.egress {
+        EgressMode::Tunnel => Some(format!("http://{}", config.proxy.listen)),
+        EgressMode::Direct => None,
+    }
+}
+
 /// Runs a deploy launch.
 pub(super) async fn run(
     exec: &Executor,
@@ -60,16 +70,20 @@ pub(super) async fn run(
     outputs: &mut Outputs,
     cancel: &CancellationToken,
 ) -> Result<LaunchStatus, Failed> {
-    let config = &exec.config;
-    let proxy = match config.proxy.egress {
-        EgressMode::Tunnel => Some(format!("http://{}", config.proxy.listen)),
-        EgressMode::Direct => None,
+    let (project, service) = match &spec.executor {
+        ExecutorSpec::K3s(k3s) => {
+            return super::k3s::run(exec, launch, spec, k3s, outputs, cancel).await;
+        }
+        ExecutorSpec::Compose { project, service } => (project, service),
     };
+    let config = &exec.config;
+    let proxy = proxy_url(config);
     let mut outcome = DeployOutcome {
         resolved_commit: None,
         image: None,
         image_id: None,
         container_id: None,
+        k3s: None,
     };
     let docker_socket = config.path(&config.runtime.docker_socket);
     let docker = crate::launch::probe::docker(&docker_socket, 600)
@@ -87,7 +101,6 @@ pub(super) async fn run(
     outcome.resolved_commit = Some(full.clone());
     outputs.detail = Some(ResultDetail::Deploy(outcome.clone()));
 
-    let ExecutorSpec::Compose { project, service } = &spec.executor;
     let current = compose::find_service_container(&docker, project.as_deref(), service)
         .await
         .map_err(|e| (LaunchStatus::Failed, e.to_string()))?;
@@ -248,7 +261,7 @@ async fn probe(proxy: &str, target: &str, key: &str, log: &StepLog) -> Result<()
         .map_err(|e| StepFailure(format!("{e}; not falling back to a direct connection")))
 }
 
-async fn materialize(
+pub(super) async fn materialize(
     exec: &Executor,
     spec: &DeploySpec,
     proxy: Option<String>,
@@ -300,7 +313,7 @@ async fn materialize(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn build_image(
+pub(super) async fn build_image(
     docker: &Docker,
     spec: &DeploySpec,
     mirror: super::materialize::Mirror,

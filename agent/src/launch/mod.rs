@@ -11,6 +11,7 @@ pub mod compose;
 pub mod containerd;
 mod deploy;
 pub mod dockerignore;
+pub mod k3s;
 pub mod k8s;
 pub mod materialize;
 pub mod probe;
@@ -231,6 +232,7 @@ impl Executor {
                 Ok(LaunchStatus::Succeeded)
             }
             LaunchSpec::Deploy(spec) => deploy::run(self, launch, spec, outputs, cancel).await,
+            LaunchSpec::Prewarm => k3s::prewarm(self, launch, outputs, cancel).await,
         }
     }
 
@@ -300,7 +302,7 @@ impl Executor {
 fn run_result(launch: &Launch, result: &LaunchResult, timings: Vec<StepTiming>) -> RunResult {
     let (service, requested) = match &launch.spec {
         LaunchSpec::Deploy(d) => (Some(d.service_id.clone()), Some(d.requested_commit.clone())),
-        LaunchSpec::Probe(_) => (None, None),
+        LaunchSpec::Probe(_) | LaunchSpec::Prewarm => (None, None),
     };
     let (resolved, image, image_id) = match &result.detail {
         ResultDetail::Deploy(d) => (

@@ -19,6 +19,7 @@ pub fn capabilities() -> Vec<Capability> {
         Capability::Probe,
         Capability::Egress,
         Capability::ComposeDeploy,
+        Capability::K3sDeploy,
     ]
 }
 

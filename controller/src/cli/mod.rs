@@ -110,7 +110,7 @@ pub enum Command {
     /// Desired-state deploys.
     #[command(subcommand)]
     Deploy(DeployCommand),
-    /// Dev-environment checks (static; nothing is contacted).
+    /// Dev-environment checks and preparation.
     #[command(subcommand)]
     DevEnv(DevEnvCommand),
     /// Run the embedded default end to end: a controller, an agent, a sample service in a
@@ -134,6 +134,23 @@ pub enum DevEnvCommand {
         /// The dev namespace every object must be in.
         #[arg(long, default_value = crate::desired::devenv::DEV_NAMESPACE)]
         namespace: String,
+    },
+    /// Import the images a node's pods need into its k3s containerd before any rollout: the
+    /// pause image (pulled through the agent's egress proxy when missing, accepted only with
+    /// entrypoint `/pause`) and the agent's `runtime.prewarm_images`, from the node's Docker.
+    /// Prints the job as JSON.
+    PrewarmImages {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The node's agent.
+        #[arg(long)]
+        agent: AgentId,
+        /// Wait up to this long for the job to finish.
+        #[arg(long)]
+        wait_ms: Option<u64>,
+        /// Deadline of the launch.
+        #[arg(long, default_value_t = 1_800_000)]
+        deadline_ms: u64,
     },
 }
 
@@ -358,6 +375,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             manifest,
             namespace,
         }) => dev_env_validate(&manifest, &namespace),
+        Command::DevEnv(DevEnvCommand::PrewarmImages {
+            config,
+            agent,
+            wait_ms,
+            deadline_ms,
+        }) => {
+            let config = config.load()?;
+            let request = crate::admin::AdminRequest::Launch {
+                agent,
+                spec: unidesk_protocol::LaunchSpec::Prewarm,
+                deadline_ms,
+            };
+            jobs::launch(&config, &request, wait_ms.map(Duration::from_millis)).await
+        }
         Command::Demo { dir } => crate::demo::run(dir).await,
     }
 }

@@ -4,8 +4,11 @@
 //! a sample service repository served over smart HTTP on loopback (reached by the agent only
 //! through its egress tunnel), starts the service's first container as Compose would, then
 //! deploys commit A by full SHA and commit B by a 7-character SHA through the same path as
-//! `deploy apply`, verifies both, and prints the jobs, the run directories and what to run
-//! next. Without Docker or containerd it says which is missing and how to start it.
+//! `deploy apply`, verifies both, then takes the k3s path as far as this machine allows (the
+//! image imported into k3s's containerd and checked complete and unpacked; apply and rollout
+//! need a Kubernetes API server and are reported as not run), and prints the jobs, the run
+//! directories and what to run next. Without Docker or containerd it says which is missing
+//! and how to start it.
 
 pub mod sample;
 
@@ -37,6 +40,8 @@ const CONTAINER: &str = "unidesk-demo-web-1";
 const IMAGE: &str = "unidesk-demo-web:latest";
 const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// k3s's own containerd (the testbed's stand-in), where the k3s path imports images.
+const K3S_CONTAINERD_SOCKET: &str = "/run/k3s/containerd/containerd.sock";
 const JOB_WAIT: Duration = Duration::from_secs(600);
 
 fn free_port() -> Result<u16, CliError> {
@@ -245,12 +250,15 @@ async fn demo(docker: &Docker, dir: &Path, cancel: &CancellationToken) -> Result
         }
     }
 
+    let k3s = k3s_import(docker, cancel).await?;
+
     let runs = setup.join(format!("agent-{AGENT}/runs"));
     let config_path = setup.join("controller.toml");
     output::json(&serde_json::json!({
         "ok": true,
         "service": SERVICE_ID,
         "commits": [commit_a.to_string(), commit_b.to_string()],
+        "k3s": k3s,
         "jobs": jobs.iter().map(|j| serde_json::json!({
             "jobId": j.job_id,
             "status": j.status,
@@ -267,6 +275,77 @@ async fn demo(docker: &Docker, dir: &Path, cancel: &CancellationToken) -> Result
         ]).collect::<Vec<_>>(),
     }));
     Ok(())
+}
+
+/// The k3s path as far as this machine allows: the deployed image streamed from Docker into
+/// k3s's containerd, checked complete and unpacked there. Apply and rollout need a Kubernetes
+/// API server, which the demo does not have; it says so instead of pretending.
+async fn k3s_import(
+    docker: &Docker,
+    cancel: &CancellationToken,
+) -> Result<serde_json::Value, CliError> {
+    use unidesk_agent::launch::containerd::Containerd;
+    use unidesk_agent::launch::steplog::StepLog;
+    let socket = Path::new(K3S_CONTAINERD_SOCKET);
+    let containerd = Containerd::connect(socket, "k8s.io", "overlayfs")
+        .await
+        .map_err(|e| {
+            CliError::Unreachable(anyhow!(
+                "{e}. Start k3s's containerd (or the testbed's stand-in) with \
+                 `bash scripts/testbed-up`"
+            ))
+        })?;
+    output::line(&format!(
+        "demo: k3s path: importing {IMAGE} into k3s's containerd ({K3S_CONTAINERD_SOCKET}, \
+         namespace k8s.io)"
+    ));
+    let (log, mut lines) = StepLog::channel(unidesk_protocol::Step::Import, 64);
+    let printer = tokio::spawn(async move {
+        while let Some(l) = lines.recv().await {
+            output::line(&format!("demo:   [import] {}", l.line));
+        }
+    });
+    let names = [IMAGE.to_string()];
+    let imported = containerd
+        .import_from_docker(docker, IMAGE, &names, &log, cancel)
+        .await;
+    drop(log);
+    let _ = printer.await;
+    let report = imported.map_err(|e| failed(anyhow!("k3s import of {IMAGE}: {e}")))?;
+    let name = report.names.first().cloned().unwrap_or_default();
+    let check = containerd
+        .check(&name)
+        .await
+        .map_err(|e| failed(anyhow!("checking {name} in k3s's containerd: {e}")))?;
+    if !(check.complete && check.unpacked) {
+        return Err(failed(anyhow!(
+            "{name} in k3s's containerd is not usable: complete={} ({}/{} blobs), unpacked={}",
+            check.complete,
+            check.present,
+            check.required,
+            check.unpacked
+        )));
+    }
+    output::line(&format!(
+        "demo: k3s path: {name} is complete ({}/{} blobs) and unpacked for overlayfs; {} blob(s) \
+         written, {} already present",
+        check.present, check.required, report.blobs_written, report.blobs_skipped
+    ));
+    let not_run = "apply and rollout need a Kubernetes API server (a kubeconfig), which this \
+                   machine does not have; they were not run";
+    output::line(&format!("demo: k3s path: {not_run}"));
+    Ok(serde_json::json!({
+        "containerd": K3S_CONTAINERD_SOCKET,
+        "image": name,
+        "manifestDigest": report.manifest_digest,
+        "complete": check.complete,
+        "unpacked": check.unpacked,
+        "pinned": check.labels.get("io.cri-containerd.pinned").map(String::as_str) == Some("pinned"),
+        "applyAndRollout": not_run,
+        "next": format!(
+            "ctr --address {K3S_CONTAINERD_SOCKET} -n k8s.io images check name=={name}"
+        ),
+    }))
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), CliError> {

@@ -53,7 +53,22 @@ const DEPLOYMENT_FIELDS: &[&str] = &[
 ];
 const BUILD_BASE_FIELDS: &[&str] = &["arg", "candidates"];
 const COMPOSE_FIELDS: &[&str] = &["project", "service"];
-const K8S_FIELDS: &[&str] = &["manifest", "namespace", "deployment", "container"];
+const K8S_FIELDS: &[&str] = &[
+    "manifest",
+    "namespace",
+    "deployments",
+    "health",
+    "frontendRoute",
+    "rolloutTimeoutMs",
+];
+const K8S_DEPLOYMENT_FIELDS: &[&str] = &["name", "container"];
+const K8S_HEALTH_FIELDS: &[&str] = &["service", "port", "path"];
+const K8S_ROUTE_FIELDS: &[&str] = &["service", "port"];
+
+/// How long a rollout may take when config does not say: ten minutes.
+pub const DEFAULT_ROLLOUT_TIMEOUT_MS: u64 = 10 * 60 * 1_000;
+/// The longest rollout timeout: one hour.
+pub const MAX_ROLLOUT_TIMEOUT_MS: u64 = 60 * 60 * 1_000;
 const IMAGE_TAG_FIELDS: &[&str] = &["dev", "prod"];
 const NODE_FIELDS: &[&str] = &["agent", "egress", "kubeconfig", "containerdSocket"];
 const ENVIRONMENT_FIELDS: &[&str] = &[
@@ -208,8 +223,39 @@ pub struct K8sConfig {
     /// Repository-relative path of the manifest, read at the deployed commit.
     pub manifest: String,
     pub namespace: String,
-    pub deployment: String,
+    /// The service's Deployments (Code Queue has three), each with the container that runs
+    /// the built image.
+    pub deployments: Vec<K8sDeployment>,
+    /// Where the service reports `deploy.commit`, through the API server's service proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<K8sHealth>,
+    /// The frontend Service whose `/api/microservices/<id>/health` route must report the
+    /// commit too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frontend_route: Option<K8sServicePort>,
+    pub rollout_timeout_ms: u64,
+}
+
+/// `k8s.deployments[]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct K8sDeployment {
+    pub name: String,
     pub container: String,
+}
+
+/// `k8s.health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct K8sHealth {
+    pub service: String,
+    pub port: u16,
+    pub path: String,
+}
+
+/// `k8s.frontendRoute`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct K8sServicePort {
+    pub service: String,
+    pub port: u16,
 }
 
 /// `microservices[].deployment.imageTagByEnvironment`.
@@ -702,17 +748,89 @@ fn parse_k8s(at: &Cursor<'_>) -> Result<K8sConfig, CatalogError> {
     let manifest_at = fields.required("manifest")?;
     let manifest = manifest_at.non_empty_str()?;
     document::check_repo_path(manifest).map_err(|why| manifest_at.invalid(manifest, why))?;
-    let label = |key: &str| -> Result<String, CatalogError> {
-        let value = fields.required(key)?;
-        let s = value.str()?;
-        check_label("kubernetes name", s).map_err(|e| value.invalid(s, e.why))?;
-        Ok(s.to_owned())
+    let deployments_at = fields.required("deployments")?;
+    let mut deployments: Vec<K8sDeployment> = Vec::new();
+    for item in deployments_at.array()? {
+        let d = item.object(K8S_DEPLOYMENT_FIELDS)?;
+        let name = k8s_name(&d, "name")?;
+        if deployments.iter().any(|known| known.name == name) {
+            return Err(item.invalid(&name, "a Deployment is listed twice").into());
+        }
+        deployments.push(K8sDeployment {
+            name,
+            container: k8s_name(&d, "container")?,
+        });
+    }
+    if deployments.is_empty() {
+        return Err(deployments_at
+            .invalid("[]", "a k3s service needs at least one Deployment")
+            .into());
+    }
+    let health = match fields.optional("health") {
+        Some(h) => {
+            let h = h.object(K8S_HEALTH_FIELDS)?;
+            let path_at = h.required("path")?;
+            let path = path_at.non_empty_str()?;
+            if !path.starts_with('/') || path.contains("..") || path.contains(char::is_whitespace) {
+                return Err(path_at
+                    .invalid(path, "must be an absolute URL path without '..' or spaces")
+                    .into());
+            }
+            Some(K8sHealth {
+                service: k8s_name(&h, "service")?,
+                port: port(&h)?,
+                path: path.to_owned(),
+            })
+        }
+        None => None,
+    };
+    let frontend_route = match fields.optional("frontendRoute") {
+        Some(r) => {
+            let r = r.object(K8S_ROUTE_FIELDS)?;
+            Some(K8sServicePort {
+                service: k8s_name(&r, "service")?,
+                port: port(&r)?,
+            })
+        }
+        None => None,
+    };
+    let rollout_timeout_ms = match fields.optional("rolloutTimeoutMs") {
+        Some(t) => {
+            let ms = t.u64()?;
+            if ms == 0 || ms > MAX_ROLLOUT_TIMEOUT_MS {
+                return Err(t
+                    .invalid(&ms.to_string(), "must be between 1 and 3600000 (one hour)")
+                    .into());
+            }
+            ms
+        }
+        None => DEFAULT_ROLLOUT_TIMEOUT_MS,
     };
     Ok(K8sConfig {
         manifest: manifest.to_owned(),
-        namespace: label("namespace")?,
-        deployment: label("deployment")?,
-        container: label("container")?,
+        namespace: k8s_name(&fields, "namespace")?,
+        deployments,
+        health,
+        frontend_route,
+        rollout_timeout_ms,
+    })
+}
+
+/// A required Kubernetes object name (a DNS label).
+fn k8s_name(fields: &Fields<'_>, key: &str) -> Result<String, CatalogError> {
+    let value = fields.required(key)?;
+    let s = value.str()?;
+    check_label("kubernetes name", s).map_err(|e| value.invalid(s, e.why))?;
+    Ok(s.to_owned())
+}
+
+/// A required TCP port (1–65535) under `port`.
+fn port(fields: &Fields<'_>) -> Result<u16, CatalogError> {
+    let at = fields.required("port")?;
+    let n = at.u64()?;
+    u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| {
+        at.invalid(&n.to_string(), "must be a TCP port, 1 to 65535")
+            .into()
     })
 }
 
@@ -877,7 +995,7 @@ mod tests {
                         "context": "api",
                         "image": "api:d601",
                         "k8s": {"manifest": "k3s/api.yaml", "namespace": "unidesk",
-                                "deployment": "api", "container": "api"}
+                                "deployments": [{"name": "api", "container": "api"}]}
                     }
                 }
             ],
@@ -899,7 +1017,7 @@ mod tests {
                             "dockerfile": "api/Dockerfile",
                             "image": "api:dev",
                             "k8s": {"manifest": "k3s/dev/api.yaml", "namespace": "unidesk-dev",
-                                    "deployment": "api-dev", "container": "api"}
+                                    "deployments": [{"name": "api-dev", "container": "api"}]}
                         }
                     }
                 },
@@ -920,6 +1038,14 @@ mod tests {
     fn set(v: &mut serde_json::Value, pointer: &str, value: serde_json::Value) {
         *v.pointer_mut(pointer)
             .unwrap_or_else(|| panic!("no {pointer}")) = value;
+    }
+
+    /// Adds `key` to the object at `pointer`.
+    fn insert(v: &mut serde_json::Value, pointer: &str, key: &str, value: serde_json::Value) {
+        v.pointer_mut(pointer)
+            .and_then(|o| o.as_object_mut())
+            .unwrap_or_else(|| panic!("no object at {pointer}"))
+            .insert(key.to_owned(), value);
     }
 
     fn remove(v: &mut serde_json::Value, pointer: &str, key: &str) {
@@ -1034,6 +1160,76 @@ mod tests {
                 Box::new(|v| remove(v, "/microservices/1/deployment", "k8s")),
                 "microservices[1].deployment.k8s",
                 "microservices[1].deployment.k8s is required when deployment.mode is k3sctl-managed",
+            ),
+            (
+                "k8s deployment listed twice",
+                Box::new(|v| {
+                    set(
+                        v,
+                        "/microservices/1/deployment/k8s/deployments",
+                        json!([{"name": "api", "container": "api"}, {"name": "api", "container": "x"}]),
+                    )
+                }),
+                "microservices[1].deployment.k8s.deployments[1]",
+                "a Deployment is listed twice",
+            ),
+            (
+                "k8s without deployments",
+                Box::new(|v| set(v, "/microservices/1/deployment/k8s/deployments", json!([]))),
+                "microservices[1].deployment.k8s.deployments",
+                "needs at least one Deployment",
+            ),
+            (
+                "k8s health port out of range",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/microservices/1/deployment/k8s",
+                        "health",
+                        json!({"service": "api", "port": 70000, "path": "/health"}),
+                    )
+                }),
+                "microservices[1].deployment.k8s.health.port",
+                "must be a TCP port",
+            ),
+            (
+                "k8s health path escapes",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/microservices/1/deployment/k8s",
+                        "health",
+                        json!({"service": "api", "port": 80, "path": "/../admin"}),
+                    )
+                }),
+                "microservices[1].deployment.k8s.health.path",
+                "without '..'",
+            ),
+            (
+                "k8s rollout timeout too long",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/microservices/1/deployment/k8s",
+                        "rolloutTimeoutMs",
+                        json!(7_200_000),
+                    )
+                }),
+                "microservices[1].deployment.k8s.rolloutTimeoutMs",
+                "between 1 and 3600000",
+            ),
+            (
+                "k8s frontend route without port",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/microservices/1/deployment/k8s",
+                        "frontendRoute",
+                        json!({"service": "frontend"}),
+                    )
+                }),
+                "microservices[1].deployment.k8s.frontendRoute.port",
+                "required",
             ),
             (
                 "compose mode without compose block",
@@ -1308,6 +1504,15 @@ mod tests {
             ("/$defs/buildBase/properties", BUILD_BASE_FIELDS),
             ("/$defs/compose/properties", COMPOSE_FIELDS),
             ("/$defs/k8s/properties", K8S_FIELDS),
+            (
+                "/$defs/k8s/properties/deployments/items/properties",
+                K8S_DEPLOYMENT_FIELDS,
+            ),
+            ("/$defs/k8s/properties/health/properties", K8S_HEALTH_FIELDS),
+            (
+                "/$defs/k8s/properties/frontendRoute/properties",
+                K8S_ROUTE_FIELDS,
+            ),
             ("/$defs/imageTags/properties", IMAGE_TAG_FIELDS),
             ("/$defs/node/properties", NODE_FIELDS),
             ("/$defs/environment/properties", ENVIRONMENT_FIELDS),

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
-use unidesk_protocol::{AgentId, BuildBase, DeploySpec, ExecutorSpec};
+use unidesk_protocol::{
+    AgentId, BuildBase, DeploySpec, ExecutorSpec, K3sDeployment, K3sHealth, K3sServicePort, K3sSpec,
+};
 
 use super::catalog::{Catalog, Deployment, DeploymentMode};
 use super::manifest::{Environment, ServiceEntry};
@@ -153,12 +155,6 @@ pub enum PlanError {
     /// The plan was made for another environment than the apply names.
     #[error("the plan is for {planned} but the apply is for {requested}")]
     EnvironmentMismatch { planned: String, requested: String },
-    /// The executor of this mode is not built yet.
-    #[error("service {service:?}: the {mode} executor is not built yet")]
-    ExecutorNotBuilt {
-        service: String,
-        mode: DeploymentMode,
-    },
     /// The service cannot be turned into a launch spec.
     #[error("service {service:?} cannot be deployed: {why}")]
     NotDeployable { service: String, why: String },
@@ -383,8 +379,8 @@ pub fn apply_guard(
     })
 }
 
-/// The typed launch spec for one planned service. Only Compose-mode services have an executor
-/// today; `k3sctl-managed` returns [`PlanError::ExecutorNotBuilt`]. The caller decides whether a
+/// The typed launch spec for one planned service: the Compose executor for `unidesk-direct` and
+/// `internal-sidecar`, the k3s executor for `k3sctl-managed`. The caller decides whether a
 /// `noop` line is launched at all (it is, with `force`).
 pub fn deploy_spec(
     service: &PlannedService,
@@ -405,15 +401,38 @@ pub fn deploy_spec(
         .deployment
         .as_ref()
         .ok_or_else(|| refuse("it has no deployment in config.json".to_owned()))?;
-    let compose = match (&deployment.mode, &deployment.compose) {
-        (DeploymentMode::K3sctlManaged, _) => {
-            return Err(PlanError::ExecutorNotBuilt {
-                service: service.id.clone(),
-                mode: deployment.mode,
-            });
+    let executor = match (&deployment.mode, &deployment.compose, &deployment.k8s) {
+        (DeploymentMode::K3sctlManaged, _, Some(k8s)) => ExecutorSpec::K3s(K3sSpec {
+            manifest: k8s.manifest.clone(),
+            namespace: k8s.namespace.clone(),
+            deployments: k8s
+                .deployments
+                .iter()
+                .map(|d| K3sDeployment {
+                    name: d.name.clone(),
+                    container: d.container.clone(),
+                })
+                .collect(),
+            health: k8s.health.as_ref().map(|h| K3sHealth {
+                service: h.service.clone(),
+                port: h.port,
+                path: h.path.clone(),
+            }),
+            frontend_route: k8s.frontend_route.as_ref().map(|r| K3sServicePort {
+                service: r.service.clone(),
+                port: r.port,
+            }),
+            legacy_container: deployment.legacy_container.clone(),
+            rollout_timeout_ms: k8s.rollout_timeout_ms,
+        }),
+        (DeploymentMode::K3sctlManaged, _, None) => {
+            return Err(refuse("mode k3sctl-managed needs a k8s block".to_owned()));
         }
-        (_, Some(compose)) => compose,
-        (mode, None) => return Err(refuse(format!("mode {mode} needs a compose block"))),
+        (_, Some(compose), _) => ExecutorSpec::Compose {
+            project: compose.project.clone(),
+            service: compose.service.clone(),
+        },
+        (mode, None, _) => return Err(refuse(format!("mode {mode} needs a compose block"))),
     };
     let dockerfile = deployment
         .dockerfile
@@ -434,10 +453,7 @@ pub fn deploy_spec(
             arg: b.arg.clone(),
             candidates: b.candidates.clone(),
         }),
-        executor: ExecutorSpec::Compose {
-            project: compose.project.clone(),
-            service: compose.service.clone(),
-        },
+        executor,
         health_url: deployment.health_url.clone(),
         force,
         dry_run,
@@ -475,7 +491,7 @@ mod tests {
                     "mode": "k3sctl-managed", "node": "d601", "dockerfile": "api/Dockerfile",
                     "image": "unidesk-api:d601",
                     "k8s": {"manifest": "k3s/api.yaml", "namespace": "unidesk",
-                            "deployment": "api", "container": "api"}}},
+                            "deployments": [{"name": "api", "container": "api"}]}}},
                 {"id": "legacy", "repository": {"url": REPO}, "deployment": {
                     "mode": "unidesk-direct", "node": "d518", "image": "docker.io/vendor/legacy:1",
                     "compose": {"service": "legacy"}}},
@@ -483,7 +499,7 @@ mod tests {
                     "mode": "k3sctl-managed", "node": "d601", "dockerfile": "Dockerfile",
                     "image": "extra:d601",
                     "k8s": {"manifest": "k3s/extra.yaml", "namespace": "unidesk",
-                            "deployment": "extra", "container": "extra"}}}
+                            "deployments": [{"name": "extra", "container": "extra"}]}}}
             ],
             "nodes": {
                 "main-server": {"agent": "main-server", "egress": "direct"},
@@ -498,11 +514,11 @@ mod tests {
                                     "image": "unidesk-api:d601",
                                     "imageTagByEnvironment": {"dev": "dev"},
                                     "k8s": {"manifest": "k3s/dev/api.yaml", "namespace": "unidesk-dev",
-                                            "deployment": "api-dev", "container": "api"}},
+                                            "deployments": [{"name": "api-dev", "container": "api"}]}},
                             "extra": {"mode": "k3sctl-managed", "node": "d601", "dockerfile": "Dockerfile",
                                       "image": "extra:dev",
                                       "k8s": {"manifest": "k3s/dev/extra.yaml", "namespace": "unidesk-dev",
-                                              "deployment": "extra-dev", "container": "extra"}}}},
+                                              "deployments": [{"name": "extra-dev", "container": "extra"}]}}}},
                 "prod": {"namespace": "unidesk", "databaseFingerprint": "postgres/unidesk",
                          "providerIdentity": "D601"}
             }
@@ -884,7 +900,7 @@ mod tests {
     }
 
     #[test]
-    fn k3s_and_unsupported_services_get_no_spec() {
+    fn k3s_services_get_the_k3s_executor_and_unsupported_ones_no_spec() {
         let c = catalog();
         let p = plan(
             &[entry("api", SHA_A), entry("legacy", SHA_A)],
@@ -894,11 +910,21 @@ mod tests {
             &LiveState::default(),
         )
         .unwrap();
+        let spec = deploy_spec(&p.services[0], false, false).unwrap();
         assert_eq!(
-            deploy_spec(&p.services[0], false, false)
-                .unwrap_err()
-                .to_string(),
-            "service \"api\": the k3sctl-managed executor is not built yet"
+            spec.executor,
+            ExecutorSpec::K3s(K3sSpec {
+                manifest: "k3s/api.yaml".into(),
+                namespace: "unidesk".into(),
+                deployments: vec![K3sDeployment {
+                    name: "api".into(),
+                    container: "api".into()
+                }],
+                health: None,
+                frontend_route: None,
+                legacy_container: None,
+                rollout_timeout_ms: crate::desired::catalog::DEFAULT_ROLLOUT_TIMEOUT_MS,
+            })
         );
         let err = deploy_spec(&p.services[1], false, false).unwrap_err();
         assert!(

@@ -40,6 +40,23 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A path as a CLI argument.
+pub fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The steps a job's events started, in order.
+pub fn started_steps(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| {
+            e["body"]["StepStarted"]["step"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// Polls `f` until it returns `Some`, failing the test after `limit` with `what`.
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let until = Instant::now() + limit;
