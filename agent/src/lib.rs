@@ -8,5 +8,6 @@ pub mod egress;
 pub mod events;
 pub mod launch;
 pub mod logging;
+pub mod notify;
 pub mod rundir;
 pub mod service;

@@ -74,7 +74,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 tracing::info!("shutting down");
                 stop.cancel();
             });
-            unidesk_agent::service::run(config, secret, cancel).await?;
+            let notifier = unidesk_agent::notify::Notifier::from_env();
+            unidesk_agent::service::run(config, secret, notifier, cancel).await?;
             Ok(0)
         }
         Command::Check { config } => {

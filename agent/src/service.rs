@@ -17,6 +17,7 @@ use crate::rundir::Runs;
 pub async fn run(
     config: AgentConfig,
     secret: Secret,
+    notifier: crate::notify::Notifier,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let runs_dir = config.path(&config.dirs.runs);
@@ -35,6 +36,13 @@ pub async fn run(
         let opener: Arc<dyn crate::egress::TunnelOpener> = Arc::new(tunnel.clone());
         tokio::spawn(crate::egress::serve(listener, opener, cancel.clone()));
     }
+    // Ready: earlier runs are read back and the proxy listens; the controller link may still
+    // be dialling (it retries for as long as the agent runs).
+    notifier.ready(
+        &format!("agent {} dialling {}", config.id, config.controller.url),
+        &cancel,
+    );
     crate::conn::run(Arc::new(config), secret, executor, tunnel, cancel).await;
+    notifier.stopping();
     Ok(())
 }

@@ -90,7 +90,12 @@ struct Fixture {
     port: u16,
     legacy: String,
     uid: String,
+    /// k3s deploys on this machine run one at a time: one test runs a `rancher/k3s`
+    /// container, which every other preflight would (rightly) refuse.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Drop for Fixture {
     fn drop(&mut self) {
@@ -124,6 +129,7 @@ fn manifest(service_id: &str) -> String {
 impl Fixture {
     fn new(name: &str) -> Fixture {
         require_docker();
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let uid = format!("{name}-{}", std::process::id());
         let double = KubeApiDouble::start();
         // The sandbox image, served by a real registry on loopback and pulled through the tunnel.
@@ -208,6 +214,7 @@ impl Fixture {
             port,
             legacy,
             uid,
+            _serial: serial,
         }
     }
 
@@ -526,15 +533,93 @@ fn prewarm_imports_the_pause_and_foundation_images_and_refuses_a_fake_pause() {
         let (_, listing) = ctr(&["images", "ls", "-q"]);
         assert!(!listing.contains(&format!("{uid}/fake-pause")), "{listing}");
     }
+    // The refused agent is gone; the next one (with a real pause image) connects afresh.
+    let since = unidesk_controller::hub::now_ms();
     let _agent = setup.agent_with(&good);
-    wait_for("the agent to reconnect", Duration::from_secs(30), || {
-        let (code, out, _) = prewarm();
-        (code == 0).then_some(out)
-    });
+    wait_for(
+        "the second agent to connect",
+        Duration::from_secs(60),
+        || {
+            let (_, out, _) = setup.cli(&["agents"]);
+            let list: Value = serde_json::from_str(&out).ok()?;
+            list.as_array()?
+                .iter()
+                .any(|a| {
+                    a["id"] == "node"
+                        && a["connectedSinceUnixMs"]
+                            .as_u64()
+                            .is_some_and(|t| t >= since)
+                })
+                .then_some(())
+        },
+    );
+    let (code, out, err) = prewarm();
+    assert_eq!(code, 0, "{err}\n{out}");
     for name in [pause.clone(), format!("docker.io/library/{foundation}")] {
         let (ok, out) = ctr(&["images", "check", &format!("name=={name}")]);
         assert!(ok && out.contains("complete"), "{name}: {out}");
         let _ = ctr(&["images", "rm", &name]);
     }
     let _ = docker(&["rmi", &foundation]);
+}
+
+#[test]
+fn k3s_running_inside_docker_is_refused_by_the_preflight() {
+    let f = Fixture::new("k3sindocker");
+    let tag = format!("rancher/k3s:unidesk-test-{}", f.uid);
+    let name = format!("k3s-in-docker-{}", f.uid);
+    assert!(docker(&["tag", "local/busybox:latest", &tag]).0);
+    let (ok, out) = docker(&[
+        "run",
+        "-d",
+        "--network",
+        "host",
+        "--name",
+        &name,
+        &tag,
+        "sleep",
+        "600",
+    ]);
+    assert!(ok, "{out}");
+    let c = f.commit("any", &manifest(&f.service_id));
+    let (code, out) = f.apply_in_background(&c).join().unwrap();
+    let _ = docker(&["rm", "-f", &name]);
+    let _ = docker(&["rmi", &tag]);
+    assert_eq!(code, 1, "{out:#}");
+    let reason = out["jobs"][0]["job"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains(&name) && reason.contains("k3s in Docker is forbidden"),
+        "the refusal names the container: {reason}"
+    );
+    assert_eq!(started_steps(&f.events(&out)), ["preflight"]);
+}
+
+#[test]
+fn images_missing_from_k3s_containerd_fail_before_the_build() {
+    let f = Fixture::new("k3smissing");
+    let absent = format!("unidesk-absent-{}:1", f.uid);
+    let commit_line = "          value: \"{{UNIDESK_COMMIT}}\"\n";
+    let with_sidecar = manifest(&f.service_id).replacen(
+        commit_line,
+        &format!("{commit_line}      - name: sidecar\n        image: {absent}\n"),
+        1,
+    );
+    assert_ne!(with_sidecar, manifest(&f.service_id));
+    let c = f.commit("needs a sidecar", &with_sidecar);
+    let (code, out) = f.apply_in_background(&c).join().unwrap();
+    assert_eq!(code, 1, "{out:#}");
+    let reason = out["jobs"][0]["job"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains(&absent) && reason.contains("dev-env prewarm-images"),
+        "{reason}"
+    );
+    let steps = started_steps(&f.events(&out));
+    assert!(!steps.contains(&"build".to_string()), "{steps:?}");
+    assert!(f.double.requests().iter().all(|r| r.method == "GET"));
 }

@@ -5,10 +5,12 @@
 // Test code: a failed unwrap is a failed test, and `pub` marks what support offers.
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
+mod ci;
 mod deploy;
 mod environments;
 mod k3s_deploy;
 mod k3s_import;
 mod kube_apply;
+mod packaging;
 mod support;
 mod transport;

@@ -317,7 +317,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let cancel = cancel.child_token();
         let agent = agent.clone();
         tokio::spawn(async move {
-            if let Err(e) = unidesk_agent::service::run(agent, secret, cancel).await {
+            if let Err(e) =
+                unidesk_agent::service::run(agent, secret, Default::default(), cancel).await
+            {
                 tracing::error!("agent stopped: {e:#}");
             }
         });

@@ -316,7 +316,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 tracing::info!("shutting down");
                 stop.cancel();
             });
+            // Ready once the store is open and the gateway and admin socket are bound.
+            let notifier = unidesk_agent::notify::Notifier::from_env();
+            notifier.ready("controller serving", &cancel);
             bound.run(cancel).await;
+            notifier.stopping();
             Ok(())
         }
         Command::Agents(c) => {

@@ -192,7 +192,14 @@ async fn demo(docker: &Docker, dir: &Path, cancel: &CancellationToken) -> Result
         .ok_or_else(|| failed(anyhow!("init wrote no agent secret")))?;
     let agent_cancel = cancel.clone();
     tokio::spawn(async move {
-        if let Err(e) = unidesk_agent::service::run(agent_config, secret, agent_cancel).await {
+        if let Err(e) = unidesk_agent::service::run(
+            agent_config,
+            secret,
+            unidesk_agent::notify::Notifier::default(),
+            agent_cancel,
+        )
+        .await
+        {
             tracing::error!("demo agent stopped: {e:#}");
         }
     });
