@@ -6,7 +6,10 @@
 //!   appended before the event is sent;
 //! - `<step>.log` — the plain log lines of each step;
 //! - `result.json` — the final result (written once, atomically);
-//! - `delivered` — present once the controller acknowledged every event.
+//! - `delivered` — present once the controller acknowledged every event;
+//! - CI runs also: `launcher.log` (the agent's own decisions), `runner.log` (the script's
+//!   stdout and stderr) and `script/` (the `--result-dir` the script writes `pipelinerun.txt`
+//!   and its own `result.json` into; the agent's `result.json` keeps its valid fields).
 //!
 //! The run id is a validated DNS label, so it cannot name anything outside `runs/`.
 
@@ -20,6 +23,9 @@ use unidesk_protocol::{
 };
 
 use crate::atomic::write_file;
+
+/// The directory of a CI run the script writes into (its `--result-dir`).
+pub const CI_RESULT_DIR: &str = "script";
 
 /// The version of the run directory format.
 pub const RUNDIR_FORMAT: u32 = 1;
@@ -77,6 +83,33 @@ pub struct RunResult {
     pub timings: Vec<StepTiming>,
     pub error: Option<String>,
     pub finished_unix_ms: u64,
+    /// What a CI run proved, at the top level of `result.json` (CI launches only).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub ci: Option<CiRecord>,
+}
+
+/// The CI part of `result.json`: the seed's fields (`ok` and `runId` are the common ones).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CiRecord {
+    /// `succeeded`, `failed`, `timeout` or `isolation-violated`.
+    pub ci_status: String,
+    pub manifest_commit: String,
+    pub pipeline_run: Option<String>,
+    pub temporary_namespace: String,
+    /// Whether the agent deleted the temporary namespace (false with `--keep-namespace`).
+    pub namespace_deleted: bool,
+    /// RFC 3339 UTC.
+    pub finished_at: String,
+    /// The script's exit status (`None` when it was killed or never started).
+    pub exit_status: Option<i32>,
+    /// Objects of `unidesk`/`unidesk-dev` that changed while the script ran.
+    pub isolation_changes: Vec<String>,
+    /// The Code Queue image the script was given, and whether an existing one was reused.
+    pub ci_image: Option<String>,
+    pub ci_image_reused: Option<bool>,
+    /// The script's own `result.json` when it wrote a valid JSON object.
+    pub script_result: Option<serde_json::Value>,
 }
 
 /// How long one step took.
@@ -166,6 +199,10 @@ impl Runs {
             RunFile::Result => "result.json".to_string(),
             RunFile::Events => "events.jsonl".to_string(),
             RunFile::StepLog(step) => format!("{}.log", step.name()),
+            RunFile::LauncherLog => "launcher.log".to_string(),
+            RunFile::RunnerLog => "runner.log".to_string(),
+            RunFile::PipelineRun => format!("{CI_RESULT_DIR}/pipelinerun.txt"),
+            RunFile::ScriptResult => format!("{CI_RESULT_DIR}/result.json"),
         };
         let path = dir.join(name);
         let mut f = File::open(&path).map_err(io("open", &path))?;
@@ -313,6 +350,51 @@ impl RunWriter {
 mod tests {
     use super::*;
     use unidesk_protocol::{LaunchSpec, ProbeSpec};
+
+    #[test]
+    fn ci_fields_sit_at_the_top_of_result_json_and_read_back() {
+        let base = RunResult {
+            format: RUNDIR_FORMAT,
+            ok: false,
+            status: LaunchStatus::TimedOut,
+            run_id: RunId::new("r1").unwrap(),
+            launch_id: LaunchId::new("l1").unwrap(),
+            kind: LaunchKind::Ci,
+            service: None,
+            requested_commit: None,
+            resolved_commit: None,
+            image: None,
+            image_id: None,
+            timings: Vec::new(),
+            error: None,
+            finished_unix_ms: 1,
+            ci: None,
+        };
+        let plain = serde_json::to_value(&base).unwrap();
+        assert!(plain.get("ciStatus").is_none());
+        assert_eq!(serde_json::from_value::<RunResult>(plain).unwrap(), base);
+        let ci = RunResult {
+            ci: Some(CiRecord {
+                ci_status: "timeout".into(),
+                manifest_commit: "a".repeat(40),
+                pipeline_run: Some("pr".into()),
+                temporary_namespace: "unidesk-ci-e2e-r1".into(),
+                namespace_deleted: true,
+                finished_at: "2026-01-01T00:00:00Z".into(),
+                exit_status: None,
+                isolation_changes: Vec::new(),
+                ci_image: None,
+                ci_image_reused: None,
+                script_result: Some(serde_json::json!({"ok": false})),
+            }),
+            ..base
+        };
+        let value = serde_json::to_value(&ci).unwrap();
+        assert_eq!(value["ciStatus"], "timeout");
+        assert_eq!(value["manifestCommit"], "a".repeat(40));
+        assert_eq!(value["temporaryNamespace"], "unidesk-ci-e2e-r1");
+        assert_eq!(serde_json::from_value::<RunResult>(value).unwrap(), ci);
+    }
 
     #[test]
     fn a_run_reads_back_after_a_torn_append() {

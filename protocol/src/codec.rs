@@ -143,6 +143,60 @@ mod tests {
         assert_eq!(ControllerFrame::decode(&bytes).unwrap(), launch());
     }
 
+    /// Appended variants keep the indexes of the earlier ones: a CI launch is
+    /// `LaunchSpec` variant 3 and the CI run files follow `StepLog` in `RunFile`.
+    #[test]
+    fn ci_variants_are_appended() {
+        let spec = LaunchSpec::Ci(CiRunSpec {
+            repo_url: "https://h/r".into(),
+            manifest_commit: "a".repeat(40),
+            desired_ref: "master".into(),
+            manifest_path: "deploy.json".into(),
+            script_path: "scripts/ci/dev-e2e.sh".into(),
+            environment: "dev".into(),
+            timeout_ms: 1000,
+            keep_namespace: true,
+            code_queue: CiImageSpec {
+                service_id: "code-queue".into(),
+                repo_url: "https://h/r".into(),
+                commit: "b".repeat(40),
+                dockerfile: "Dockerfile".into(),
+                context: ".".into(),
+                image: "i:ci".into(),
+                build_base: None,
+                build_timeout_ms: 1,
+            },
+        });
+        let frame = ControllerFrame::Launch(Launch {
+            launch_id: LaunchId::new("l-1").unwrap(),
+            run_id: RunId::new("r-1").unwrap(),
+            deadline_unix_ms: 1_800_000_000_000,
+            spec,
+        });
+        let bytes = frame.encode().unwrap();
+        assert_eq!(bytes[17], 3, "LaunchSpec::Ci index");
+        assert_eq!(ControllerFrame::decode(&bytes).unwrap(), frame);
+        for (file, index) in [
+            (RunFile::LauncherLog, 3u8),
+            (RunFile::RunnerLog, 4),
+            (RunFile::PipelineRun, 5),
+            (RunFile::ScriptResult, 6),
+        ] {
+            let q = ControllerFrame::Query {
+                query_id: 1,
+                query: Query::ReadRun {
+                    run_id: RunId::new("r").unwrap(),
+                    file,
+                    max_bytes: 1,
+                },
+            };
+            let bytes = q.encode().unwrap();
+            // version(2) Query(1) id(1) ReadRun(1) run id(2) file(1) max(1)
+            assert_eq!(bytes[7], index, "{file:?}");
+            assert_eq!(ControllerFrame::decode(&bytes).unwrap(), q);
+        }
+    }
+
     #[test]
     fn wrong_version_is_named() {
         let mut bytes = launch().encode().unwrap();

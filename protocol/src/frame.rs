@@ -110,6 +110,9 @@ pub enum LaunchSpec {
     /// Make the node's k3s containerd hold the images its pods need before any rollout: the
     /// sandbox (pause) image and the foundation images listed in the agent's own config.
     Prewarm,
+    /// Run the dev smoke CI script of one manifest commit on this node (the CI node): the
+    /// script and `deploy.json` are read from that commit, never sent.
+    Ci(CiRunSpec),
 }
 
 impl LaunchSpec {
@@ -119,6 +122,7 @@ impl LaunchSpec {
             LaunchSpec::Probe(_) => LaunchKind::Probe,
             LaunchSpec::Deploy(_) => LaunchKind::Deploy,
             LaunchSpec::Prewarm => LaunchKind::Prewarm,
+            LaunchSpec::Ci(_) => LaunchKind::Ci,
         }
     }
 }
@@ -130,6 +134,67 @@ pub enum LaunchKind {
     Probe,
     Deploy,
     Prewarm,
+    Ci,
+}
+
+/// The rule for a CI `scriptPath`: exactly `scripts/ci/<name>.sh`, where the name is letters,
+/// digits, `.`, `_` and `-`, does not start with `.` and holds no `..`. Checked by the
+/// controller before a launch and again by the agent before anything runs.
+pub fn check_ci_script_path(path: &str) -> Result<(), &'static str> {
+    const WHY: &str = "it must be a repo-relative scripts/ci/<name>.sh path";
+    let name = path
+        .strip_prefix("scripts/ci/")
+        .and_then(|rest| rest.strip_suffix(".sh"))
+        .ok_or(WHY)?;
+    if name.is_empty()
+        || name.starts_with('.')
+        || name.contains("..")
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(WHY);
+    }
+    Ok(())
+}
+
+/// See [`LaunchSpec::Ci`]. The run id of the launch names the run, its work directory and the
+/// temporary namespace `unidesk-ci-e2e-<runId>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CiRunSpec {
+    /// The desired-state repository the manifest commit was read from.
+    pub repo_url: String,
+    /// The full SHA of the `origin/master` commit that supplied `deploy.json`.
+    pub manifest_commit: String,
+    /// The desired ref as the script receives it (`master`).
+    pub desired_ref: String,
+    /// Repository-relative path of the manifest in that commit (`deploy.json`).
+    pub manifest_path: String,
+    /// Repository-relative `scripts/ci/<name>.sh` in that commit.
+    pub script_path: String,
+    /// The environment whose CI block this is (`dev`).
+    pub environment: String,
+    /// How long the script may run before its process group is killed.
+    pub timeout_ms: u64,
+    /// Leave the temporary namespace in place after the run.
+    pub keep_namespace: bool,
+    /// The Code Queue image the script tests, built (or reused) at its commit on the node.
+    pub code_queue: CiImageSpec,
+}
+
+/// How the CI node builds the image the script runs: a repository commit and its Dockerfile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CiImageSpec {
+    pub service_id: String,
+    pub repo_url: String,
+    /// A full 40-hex SHA (the controller refuses anything shorter).
+    pub commit: String,
+    pub dockerfile: String,
+    pub context: String,
+    /// The image name with tag to build or to give a reused image.
+    pub image: String,
+    pub build_base: Option<BuildBase>,
+    pub build_timeout_ms: u64,
 }
 
 /// See [`LaunchSpec::Probe`].
@@ -270,6 +335,8 @@ pub enum Step {
     Verify,
     /// Checks before anything changes: the cluster answers, k3s is native, images present.
     Preflight,
+    /// The CI script of a CI launch: its stdout and stderr lines.
+    Script,
 }
 
 impl Step {
@@ -285,6 +352,7 @@ impl Step {
             Step::Recreate => "recreate",
             Step::Verify => "verify",
             Step::Preflight => "preflight",
+            Step::Script => "script",
         }
     }
 }
@@ -438,6 +506,14 @@ pub enum RunFile {
     Result,
     Events,
     StepLog(Step),
+    /// `launcher.log`: the agent's own decisions for a CI run.
+    LauncherLog,
+    /// `runner.log`: the CI script's stdout and stderr.
+    RunnerLog,
+    /// `pipelinerun.txt`: the PipelineRun name the CI script recorded.
+    PipelineRun,
+    /// The CI script's own `result.json` (in the run's `script/` result directory).
+    ScriptResult,
 }
 
 /// An answer from an agent.

@@ -12,5 +12,6 @@ mod k3s_deploy;
 mod k3s_import;
 mod kube_apply;
 mod packaging;
+mod reliability;
 mod support;
 mod transport;

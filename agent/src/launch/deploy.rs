@@ -37,7 +37,7 @@ pub(super) fn failed(f: StepFailure) -> Failed {
 }
 
 /// `host:port` of an http(s) repository URL, for probing the tunnel towards it.
-fn repo_authority(url: &str) -> Option<String> {
+pub(super) fn repo_authority(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let default = match scheme {
         "https" => 443,

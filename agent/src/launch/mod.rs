@@ -7,6 +7,7 @@
 //! (`interrupted`).
 
 pub mod build;
+mod ci;
 pub mod compose;
 pub mod containerd;
 mod deploy;
@@ -75,6 +76,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Outputs {
     detail: Option<ResultDetail>,
     timings: Vec<StepTiming>,
+    /// The CI part of `result.json` (CI launches only).
+    ci: Option<crate::rundir::CiRecord>,
 }
 
 impl Executor {
@@ -197,7 +200,11 @@ impl Executor {
                 detail: outputs.detail.take().unwrap_or(ResultDetail::None),
             },
         };
-        let record = run_result(&launch, &result, outputs.timings);
+        let mut record = run_result(&launch, &result, outputs.timings);
+        record.ci = outputs.ci.take().map(|mut ci| {
+            ci.finished_at = ci::finished_at();
+            ci
+        });
         if let Err(e) = self.events.write_result(&launch_id, &record) {
             tracing::error!(error = %e, "cannot write result.json");
         }
@@ -233,6 +240,7 @@ impl Executor {
             }
             LaunchSpec::Deploy(spec) => deploy::run(self, launch, spec, outputs, cancel).await,
             LaunchSpec::Prewarm => k3s::prewarm(self, launch, outputs, cancel).await,
+            LaunchSpec::Ci(spec) => ci::run(self, launch, spec, outputs, cancel).await,
         }
     }
 
@@ -302,6 +310,10 @@ impl Executor {
 fn run_result(launch: &Launch, result: &LaunchResult, timings: Vec<StepTiming>) -> RunResult {
     let (service, requested) = match &launch.spec {
         LaunchSpec::Deploy(d) => (Some(d.service_id.clone()), Some(d.requested_commit.clone())),
+        LaunchSpec::Ci(c) => (
+            Some(c.code_queue.service_id.clone()),
+            Some(c.manifest_commit.clone()),
+        ),
         LaunchSpec::Probe(_) | LaunchSpec::Prewarm => (None, None),
     };
     let (resolved, image, image_id) = match &result.detail {
@@ -327,5 +339,6 @@ fn run_result(launch: &Launch, result: &LaunchResult, timings: Vec<StepTiming>) 
         timings,
         error: result.error.clone(),
         finished_unix_ms: now_ms(),
+        ci: None,
     }
 }

@@ -20,6 +20,7 @@ pub fn capabilities() -> Vec<Capability> {
         Capability::Egress,
         Capability::ComposeDeploy,
         Capability::K3sDeploy,
+        Capability::CiRun,
     ]
 }
 

@@ -10,6 +10,7 @@ use unidesk_protocol::AgentId;
 
 use crate::config::{ControllerConfig, DEFAULT_CONFIG};
 
+pub mod ci;
 pub mod deploy;
 pub(crate) mod jobs;
 pub mod output;
@@ -113,6 +114,9 @@ pub enum Command {
     /// Dev-environment checks and preparation.
     #[command(subcommand)]
     DevEnv(DevEnvCommand),
+    /// The dev smoke CI runner: `run-dev-e2e` on the CI node, `logs <runId>`.
+    #[command(subcommand)]
+    Ci(ci::CiCommand),
     /// Run the embedded default end to end: a controller, an agent, a sample service in a
     /// local Git repository, two deploys and their verification.
     Demo {
@@ -393,6 +397,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             };
             jobs::launch(&config, &request, wait_ms.map(Duration::from_millis)).await
         }
+        Command::Ci(command) => ci::run(command).await,
         Command::Demo { dir } => crate::demo::run(dir).await,
     }
 }

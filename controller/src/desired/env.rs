@@ -42,6 +42,12 @@ pub enum EnvError {
         desired_ref: &'static str,
         reference: String,
     },
+    /// The remote has no `master` branch (the CI runner reads `origin/master`).
+    #[error(
+        "the desired-state repository {repo} has no origin/master ({reference}): push \
+         deploy.json with environments.dev.ci to master"
+    )]
+    MasterMissing { repo: String, reference: String },
     /// The ref could not be read or does not lead to a commit.
     #[error("reading {reference} of the desired-state repository")]
     Ref {
@@ -68,30 +74,54 @@ pub fn mirror_ref(env: Environment) -> String {
     format!("refs/heads/{branch}")
 }
 
+/// The ref the CI runner reads `deploy.json#environments.dev` from.
+pub const CI_DESIRED_REF: &str = "origin/master";
+
 /// Reads `deploy.json` at the commit `env`'s desired-state ref points at in `mirror`. Blocking.
 pub fn read_manifest(mirror: &Mirror, env: Environment) -> Result<DesiredManifest, EnvError> {
     let reference = mirror_ref(env);
+    let missing = || EnvError::RefMissing {
+        repo: mirror.url().to_owned(),
+        env,
+        desired_ref: env.desired_ref(),
+        reference: reference.clone(),
+    };
+    read_at(mirror, &reference, env.desired_ref(), missing)
+}
+
+/// Reads `deploy.json` at the commit `origin/master` points at in `mirror` (the CI runner's
+/// source: never a local file, never an environment branch). Blocking.
+pub fn read_master_manifest(mirror: &Mirror) -> Result<DesiredManifest, EnvError> {
+    let reference = "refs/heads/master".to_owned();
+    let missing = || EnvError::MasterMissing {
+        repo: mirror.url().to_owned(),
+        reference: reference.clone(),
+    };
+    read_at(mirror, &reference, CI_DESIRED_REF, missing)
+}
+
+fn read_at(
+    mirror: &Mirror,
+    reference: &str,
+    desired_ref: &'static str,
+    missing: impl FnOnce() -> EnvError,
+) -> Result<DesiredManifest, EnvError> {
     let commit = mirror
-        .ref_commit(&reference)
+        .ref_commit(reference)
         .map_err(|source| EnvError::Ref {
-            reference: reference.clone(),
+            reference: reference.to_owned(),
             source: Box::new(source),
         })?
-        .ok_or_else(|| EnvError::RefMissing {
-            repo: mirror.url().to_owned(),
-            env,
-            desired_ref: env.desired_ref(),
-            reference: reference.clone(),
-        })?;
+        .ok_or_else(missing)?;
     let bytes = mirror
         .read_blob(commit, MANIFEST_PATH, MAX_MANIFEST_BYTES)
         .map_err(|source| EnvError::Manifest {
-            desired_ref: env.desired_ref(),
+            desired_ref,
             source: Box::new(source),
         })?;
     // The id Git gives these bytes as a blob is the id of the tree entry just read.
     let blob = Oid::hash_object(ObjectType::Blob, &bytes).map_err(|source| EnvError::Manifest {
-        desired_ref: env.desired_ref(),
+        desired_ref,
         source: Box::new(MaterializeError::Git {
             repo: mirror.url().to_owned(),
             what: MANIFEST_PATH.to_owned(),

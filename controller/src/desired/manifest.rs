@@ -470,25 +470,7 @@ fn parse_ci(at: &Cursor<'_>) -> Result<CiSpec, ManifestError> {
     })
 }
 
-/// Checks a CI `scriptPath`: exactly `scripts/ci/<name>.sh`, where the name is letters, digits,
-/// `.`, `_` and `-`, does not start with `.` and holds no `..`.
-pub fn check_script_path(path: &str) -> Result<(), &'static str> {
-    const WHY: &str = "it must be a repo-relative scripts/ci/<name>.sh path";
-    let name = path
-        .strip_prefix("scripts/ci/")
-        .and_then(|rest| rest.strip_suffix(".sh"))
-        .ok_or(WHY)?;
-    if name.is_empty()
-        || name.starts_with('.')
-        || name.contains("..")
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(WHY);
-    }
-    Ok(())
-}
+pub use unidesk_protocol::check_ci_script_path as check_script_path;
 
 #[cfg(test)]
 mod tests {

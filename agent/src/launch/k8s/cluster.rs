@@ -147,6 +147,18 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// The resource of `kind` (plural `plural`) in `api_version` (`v1` or `group/version`).
+fn resource(api_version: &str, kind: &str, plural: &str) -> ApiResource {
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    ApiResource {
+        group: group.to_owned(),
+        version: version.to_owned(),
+        api_version: api_version.to_owned(),
+        kind: kind.to_owned(),
+        plural: plural.to_owned(),
+    }
+}
+
 /// The fixed API resource of an allowed `(apiVersion, kind)` (no discovery).
 pub fn api_resource(api_version: &str, kind: &str) -> Option<ApiResource> {
     let ar = match (api_version, kind) {
@@ -652,6 +664,56 @@ impl Cluster {
         {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some(409) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Name and `resourceVersion` of every object of one resource in `namespace` (the CI
+    /// runner's isolation snapshot). `api_version` is `v1` or `group/version`.
+    pub async fn list_versions(
+        &self,
+        namespace: &str,
+        api_version: &str,
+        kind: &str,
+        plural: &str,
+    ) -> Result<Vec<(String, String)>, KubeError> {
+        let ar = resource(api_version, kind, plural);
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &ar);
+        let list = self
+            .bounded(
+                &format!("list {plural} in {namespace}"),
+                api.list(&ListParams::default()),
+            )
+            .await?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|o| {
+                (
+                    o.metadata.name.unwrap_or_default(),
+                    o.metadata.resource_version.unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
+    /// Whether one namespaced object exists (e.g. the Tekton Pipeline the CI script runs).
+    pub async fn exists(
+        &self,
+        namespace: &str,
+        api_version: &str,
+        kind: &str,
+        plural: &str,
+        name: &str,
+    ) -> Result<bool, KubeError> {
+        let ar = resource(api_version, kind, plural);
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &ar);
+        match self
+            .bounded(&format!("get {plural} {namespace}/{name}"), api.get(name))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some(404) => Ok(false),
             Err(e) => Err(e),
         }
     }
