@@ -339,7 +339,8 @@ fn main() -> anyhow::Result<()> {
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         match name {
             "tunnel" => tunnel(&v, &mut rows),
-            "launch_rtt" => launch_rtt(&v, &mut rows),
+            // `launch_rtt` and its runs at other agent counts (`launch_rtt_<agents>`).
+            n if n == "launch_rtt" || n.starts_with("launch_rtt_") => launch_rtt(&v, &mut rows),
             "deploy" => deploy(&v, &mut rows),
             "import" => import(&v, &mut rows),
             "events" => events(&v, &mut rows),

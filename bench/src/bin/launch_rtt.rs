@@ -76,6 +76,10 @@ struct Args {
     /// Point it at a tmpfs such as `/dev/shm` to see the round trip without disk flushes.
     #[arg(long)]
     setup_dir: Option<PathBuf>,
+    /// Name of the JSON report (`<target>/bench/<name>.json`), so runs with several agent
+    /// counts can sit side by side.
+    #[arg(long, default_value = "launch_rtt")]
+    name: String,
 }
 
 #[tokio::main]
@@ -524,7 +528,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "rlimit_nofile": nofile,
         "measured_seconds": elapsed.as_secs_f64(),
     });
-    let json = write_json(&target_dir, "launch_rtt", &report)?;
+    let json = write_json(&target_dir, &args.name, &report)?;
     let raised = if nofile.after > nofile.before {
         format!("RLIMIT_NOFILE raised {} → {}", nofile.before, nofile.after)
     } else {
