@@ -25,7 +25,7 @@
 use serde::Serialize;
 use serde::de::Deserialize as _;
 use serde_json::Value;
-use unidesk_agent::launch::k8s::manifest::{self, CONTAINER_LISTS};
+use unidesk_agent::launch::k8s::manifest;
 
 pub use unidesk_agent::launch::k8s::manifest::{
     RULE_HOST_IPC, RULE_HOST_NETWORK, RULE_HOST_PID, RULE_HOST_PORT, RULE_NAMESPACE,
@@ -165,25 +165,18 @@ fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Repo
     let Some((path, pod)) = manifest::pod_spec(kind, object) else {
         return;
     };
-    for list in CONTAINER_LISTS {
-        let containers = pod.get(list).and_then(Value::as_array);
-        for container in containers.into_iter().flatten() {
-            let cname = container
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or("<no name>");
-            let env = container.get("env").and_then(Value::as_array);
-            for var in env.into_iter().flatten() {
-                if var.get("name").and_then(Value::as_str) != Some("DATABASE_URL") {
-                    continue;
-                }
-                let value = var.get("value").and_then(Value::as_str);
-                if let Some(reason) = value.and_then(production_database_url) {
-                    flag(
-                        RULE_DATABASE_URL,
-                        format!("{path}.{list}[{cname}] env DATABASE_URL {reason}"),
-                    );
-                }
+    for (list, cname, container) in manifest::containers(pod) {
+        let env = container.get("env").and_then(Value::as_array);
+        for var in env.into_iter().flatten() {
+            if var.get("name").and_then(Value::as_str) != Some("DATABASE_URL") {
+                continue;
+            }
+            let value = var.get("value").and_then(Value::as_str);
+            if let Some(reason) = value.and_then(production_database_url) {
+                flag(
+                    RULE_DATABASE_URL,
+                    format!("{path}.{list}[{cname}] env DATABASE_URL {reason}"),
+                );
             }
         }
     }

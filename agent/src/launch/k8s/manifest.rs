@@ -349,6 +349,21 @@ pub fn pod_spec<'a>(kind: &str, object: &'a Value) -> Option<(&'static str, &'a 
 /// The container lists of a pod spec, in the order they are checked.
 pub const CONTAINER_LISTS: [&str; 3] = ["initContainers", "containers", "ephemeralContainers"];
 
+/// Every container of a pod spec, in [`CONTAINER_LISTS`] order, with its list and its name
+/// (`<no name>` when it has none).
+pub fn containers(pod: &Value) -> impl Iterator<Item = (&'static str, &str, &Value)> {
+    CONTAINER_LISTS.into_iter().flat_map(move |list| {
+        let items = pod.get(list).and_then(Value::as_array);
+        items.into_iter().flatten().map(move |container| {
+            let name = container
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("<no name>");
+            (list, name, container)
+        })
+    })
+}
+
 fn scalar_text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
@@ -444,35 +459,28 @@ pub fn guard(object: &Value, namespace: &str) -> Vec<Violation> {
             flag(rule, format!("{path}.{field} is true"));
         }
     }
-    for list in CONTAINER_LISTS {
-        let containers = pod.get(list).and_then(Value::as_array);
-        for container in containers.into_iter().flatten() {
-            let cname = container
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or("<no name>");
-            let ports = container.get("ports").and_then(Value::as_array);
-            for port in ports.into_iter().flatten() {
-                if let Some(host_port) = port.get("hostPort") {
-                    flag(
-                        RULE_HOST_PORT,
-                        format!(
-                            "{path}.{list}[{cname}] declares hostPort {}",
-                            scalar_text(host_port)
-                        ),
-                    );
-                }
-            }
-            let privileged = container
-                .get("securityContext")
-                .and_then(|s| s.get("privileged"))
-                .and_then(Value::as_bool);
-            if privileged == Some(true) {
+    for (list, cname, container) in containers(pod) {
+        let ports = container.get("ports").and_then(Value::as_array);
+        for port in ports.into_iter().flatten() {
+            if let Some(host_port) = port.get("hostPort") {
                 flag(
-                    RULE_PRIVILEGED,
-                    format!("{path}.{list}[{cname}].securityContext.privileged is true"),
+                    RULE_HOST_PORT,
+                    format!(
+                        "{path}.{list}[{cname}] declares hostPort {}",
+                        scalar_text(host_port)
+                    ),
                 );
             }
+        }
+        let privileged = container
+            .get("securityContext")
+            .and_then(|s| s.get("privileged"))
+            .and_then(Value::as_bool);
+        if privileged == Some(true) {
+            flag(
+                RULE_PRIVILEGED,
+                format!("{path}.{list}[{cname}].securityContext.privileged is true"),
+            );
         }
     }
     out
@@ -769,12 +777,9 @@ pub fn referenced_images(objects: &[Object]) -> BTreeSet<String> {
         let Some((_, pod)) = pod_spec(object.kind(), &object.value) else {
             continue;
         };
-        for list in CONTAINER_LISTS {
-            let containers = pod.get(list).and_then(Value::as_array);
-            for c in containers.into_iter().flatten() {
-                if let Some(image) = c.get("image").and_then(Value::as_str) {
-                    images.insert(image.to_owned());
-                }
+        for (_, _, c) in containers(pod) {
+            if let Some(image) = c.get("image").and_then(Value::as_str) {
+                images.insert(image.to_owned());
             }
         }
     }
