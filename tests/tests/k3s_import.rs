@@ -390,7 +390,7 @@ fn pause_image_is_pulled_through_the_tunnel_and_judged_by_its_entrypoint() {
     let refused = within(
         &rt,
         "the fake pull",
-        cd.ensure_pause(&fake, Some(&proxy), true, &log),
+        cd.ensure_pause(&fake, Some(&proxy), &log),
     );
     match &refused {
         Err(e @ ContainerdError::NotPause { .. }) => {
@@ -410,7 +410,7 @@ fn pause_image_is_pulled_through_the_tunnel_and_judged_by_its_entrypoint() {
     let report = within(
         &rt,
         "the pause pull",
-        cd.ensure_pause(&good, Some(&proxy), true, &log),
+        cd.ensure_pause(&good, Some(&proxy), &log),
     )
     .unwrap_or_else(|e| {
         panic!(
@@ -439,7 +439,7 @@ fn pause_image_is_pulled_through_the_tunnel_and_judged_by_its_entrypoint() {
     let again = within(
         &rt,
         "the second ensure",
-        cd.ensure_pause(&good, Some(&proxy), true, &log),
+        cd.ensure_pause(&good, Some(&proxy), &log),
     )
     .unwrap();
     assert!(again.already_present, "{again:?}");

@@ -163,12 +163,7 @@ pub(super) async fn run(
                 (&target.containerd, &docker, &built, proxy.clone());
             async move {
                 containerd
-                    .ensure_pause(
-                        &pause_image,
-                        proxy.as_deref(),
-                        loopback_registry(&pause_image),
-                        &log,
-                    )
+                    .ensure_pause(&pause_image, proxy.as_deref(), &log)
                     .await
                     .map_err(|e| StepFailure::chain(&e))?;
                 containerd
@@ -347,12 +342,7 @@ pub(super) async fn prewarm(
                     .await
                     .map_err(|e| StepFailure::chain(&e))?;
             containerd
-                .ensure_pause(
-                    &runtime.pause_image,
-                    proxy.as_deref(),
-                    loopback_registry(&runtime.pause_image),
-                    &log,
-                )
+                .ensure_pause(&runtime.pause_image, proxy.as_deref(), &log)
                 .await
                 .map_err(|e| StepFailure::chain(&e))?;
             for image in &runtime.prewarm_images {
@@ -378,26 +368,6 @@ pub(super) async fn prewarm(
     .await
     .map_err(failed)?;
     Ok(LaunchStatus::Succeeded)
-}
-
-/// Whether `reference` names a registry on the loopback interface, which is spoken to over
-/// plain HTTP — Docker's own default for 127.0.0.0/8 and `localhost`. Every other registry is
-/// HTTPS only.
-fn loopback_registry(reference: &str) -> bool {
-    let Some((host, _)) = reference.split_once('/') else {
-        return false;
-    };
-    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-        if port.bytes().all(|b| b.is_ascii_digit()) {
-            h
-        } else {
-            host
-        }
-    });
-    host == "localhost"
-        || host
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn deployment_targets(k3s: &K3sSpec) -> Vec<DeploymentTarget> {
@@ -704,19 +674,6 @@ async fn remove_legacy(docker: &Docker, name: &str) -> Result<String, StepFailur
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_loopback_registries_are_plain_http() {
-        assert!(loopback_registry(
-            "127.0.0.1:5000/rancher/mirrored-pause:3.6"
-        ));
-        assert!(loopback_registry("localhost:5000/pause:3.6"));
-        assert!(loopback_registry("127.8.0.1/pause:3.6"));
-        assert!(!loopback_registry("rancher/mirrored-pause:3.6"));
-        assert!(!loopback_registry("registry.example:5000/pause:3.6"));
-        assert!(!loopback_registry("10.0.0.1:5000/pause:3.6"));
-        assert!(!loopback_registry("pause:3.6"));
-    }
 
     #[test]
     fn k3s_in_docker_is_found_by_image_repository() {

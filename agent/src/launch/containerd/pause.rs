@@ -49,13 +49,13 @@ impl Containerd {
     /// Makes sure the sandbox image `reference` (k3s's default is
     /// [`super::DEFAULT_PAUSE_IMAGE`]) is present and unpacked. When it is not, pulls it with
     /// `proxy` as the HTTP and HTTPS proxy (the agent's egress proxy, `http://127.0.0.1:18789`;
-    /// `None` connects directly), over plain HTTP when `insecure_http` (registries on loopback
-    /// in tests). The image is refused unless its Entrypoint is `["/pause"]`.
+    /// `None` connects directly), over plain HTTP only when the registry is on loopback
+    /// ([`super::reference::loopback_registry`]). The image is refused unless its Entrypoint is
+    /// `["/pause"]`.
     pub async fn ensure_pause(
         &self,
         reference: &str,
         proxy: Option<&str>,
-        insecure_http: bool,
         log: &StepLog,
     ) -> Result<PauseReport, ContainerdError> {
         let name = normalize(reference)?;
@@ -92,7 +92,7 @@ impl Containerd {
             why: e.to_string(),
         })?;
         let config = ClientConfig {
-            protocol: if insecure_http {
+            protocol: if super::reference::loopback_registry(reference) {
                 ClientProtocol::Http
             } else {
                 ClientProtocol::Https

@@ -120,9 +120,42 @@ pub fn parse_digest(digest: &str) -> Result<&str, String> {
     Ok(hex)
 }
 
+/// Whether `reference` names a registry on the loopback interface, which is spoken to over
+/// plain HTTP — Docker's own default for 127.0.0.0/8 and `localhost`. Every other registry is
+/// HTTPS only.
+pub fn loopback_registry(reference: &str) -> bool {
+    let Some((host, _)) = reference.split_once('/') else {
+        return false;
+    };
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    host == "localhost"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_registries_are_plain_http() {
+        assert!(loopback_registry(
+            "127.0.0.1:5000/rancher/mirrored-pause:3.6"
+        ));
+        assert!(loopback_registry("localhost:5000/pause:3.6"));
+        assert!(loopback_registry("127.8.0.1/pause:3.6"));
+        assert!(!loopback_registry("rancher/mirrored-pause:3.6"));
+        assert!(!loopback_registry("registry.example:5000/pause:3.6"));
+        assert!(!loopback_registry("10.0.0.1:5000/pause:3.6"));
+        assert!(!loopback_registry("pause:3.6"));
+    }
 
     #[test]
     fn short_names_get_docker_hub_and_library_and_latest() {
