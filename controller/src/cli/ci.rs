@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use unidesk_agent::launch::materialize::{FetchNet, MaterializeError, MirrorCache};
 use unidesk_protocol::{
     AgentId, BuildBase, CiImageSpec, CiRunSpec, LaunchKind, LaunchSpec, Query, Reply, RunFile,
     RunId,
@@ -33,7 +31,6 @@ pub const CODE_QUEUE: &str = "code-queue";
 /// The desired ref as the script receives it.
 const DESIRED_REF: &str = "master";
 /// How long the desired-state fetch may take.
-const FETCH_DEADLINE: Duration = Duration::from_secs(300);
 /// Build time allowed on top of the script's timeout in the launch deadline.
 const DEFAULT_BUILD_TIMEOUT_MS: u64 = 1_800_000;
 /// Slack on top of build and script time before the launch itself times out.
@@ -135,35 +132,10 @@ async fn fetch_master(
                 desired_env::CI_DESIRED_REF
             ))
         })?;
-    let cache = MirrorCache::new(config.path(&config.store.dir).join("mirrors"));
-    let cancel = CancellationToken::new();
-    let fetch_cancel = cancel.clone();
-    let task = tokio::task::spawn_blocking(move || {
-        let mirror = cache
-            .fetch(&url, &FetchNet::default(), &fetch_cancel, |line| {
-                tracing::info!("{line}");
-            })
-            .map_err(|e| match e {
-                MaterializeError::Fetch { .. } | MaterializeError::Cancelled { .. } => {
-                    CliError::Unreachable(e.into())
-                }
-                other => input(other),
-            })?;
-        let read = desired_env::read_master_manifest(&mirror).map_err(input)?;
-        Ok::<_, CliError>((mirror.url().to_owned(), read))
-    });
-    match tokio::time::timeout(FETCH_DEADLINE, task).await {
-        Ok(joined) => joined
-            .context("the desired-state fetch task failed")
-            .map_err(CliError::Failed)?,
-        Err(_) => {
-            cancel.cancel();
-            Err(CliError::Unreachable(anyhow!(
-                "fetching the desired-state repository took longer than {}s",
-                FETCH_DEADLINE.as_secs()
-            )))
-        }
-    }
+    super::deploy::fetch_desired(config, url, |mirror| {
+        desired_env::read_master_manifest(mirror).map_err(input)
+    })
+    .await
 }
 
 /// Checks the manifest of the master commit and makes the launch; refusals are exit 2.

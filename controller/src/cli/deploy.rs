@@ -14,7 +14,7 @@ use anyhow::{Context, anyhow};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use unidesk_agent::launch::materialize::{FetchNet, MaterializeError, MirrorCache};
+use unidesk_agent::launch::materialize::{FetchNet, MaterializeError, Mirror, MirrorCache};
 
 use super::{CliError, output};
 use crate::admin::AdminRequest;
@@ -145,33 +145,10 @@ pub async fn load_desired(config: &ControllerConfig, source: &Source) -> Result<
             ))
         })?
         .to_owned();
-    let cache = MirrorCache::new(config.path(&config.store.dir).join("mirrors"));
-    let cancel = CancellationToken::new();
-    let fetch_cancel = cancel.clone();
-    // git2 blocks: fetch and read in a blocking task, under a deadline that cancels the
-    // transfer at its next progress callback.
-    let task = tokio::task::spawn_blocking(move || {
-        let mirror = cache
-            .fetch(&url, &FetchNet::default(), &fetch_cancel, |line| {
-                tracing::info!("{line}");
-            })
-            .map_err(fetch_error)?;
-        let read =
-            desired_env::read_manifest(&mirror, env).map_err(|e| CliError::Input(e.into()))?;
-        Ok::<_, CliError>((mirror.url().to_owned(), read))
-    });
-    let (repository, read) = match tokio::time::timeout(FETCH_DEADLINE, task).await {
-        Ok(joined) => joined
-            .context("the desired-state fetch task failed")
-            .map_err(CliError::Failed)??,
-        Err(_) => {
-            cancel.cancel();
-            return Err(CliError::Unreachable(anyhow!(
-                "fetching the desired-state repository took longer than {}s",
-                FETCH_DEADLINE.as_secs()
-            )));
-        }
-    };
+    let (repository, read) = fetch_desired(config, url, move |mirror| {
+        desired_env::read_manifest(mirror, env).map_err(|e| CliError::Input(e.into()))
+    })
+    .await?;
     let manifest = manifest::parse(&read.bytes)
         .with_context(|| {
             format!(
@@ -200,6 +177,40 @@ pub async fn load_desired(config: &ControllerConfig, source: &Source) -> Result<
 }
 
 /// A fetch that failed on the network is "unreachable" (exit 3); a bad URL or mirror is input.
+/// Fetches the desired-state repository `url` into the controller's mirror and reads it with
+/// `read`, in a blocking task (git2 blocks) under [`FETCH_DEADLINE`], which cancels the
+/// transfer at its next progress callback. Returns the mirror's URL and what `read` made.
+pub(crate) async fn fetch_desired<T: Send + 'static>(
+    config: &ControllerConfig,
+    url: String,
+    read: impl FnOnce(&Mirror) -> Result<T, CliError> + Send + 'static,
+) -> Result<(String, T), CliError> {
+    let cache = MirrorCache::new(config.path(&config.store.dir).join("mirrors"));
+    let cancel = CancellationToken::new();
+    let fetch_cancel = cancel.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let mirror = cache
+            .fetch(&url, &FetchNet::default(), &fetch_cancel, |line| {
+                tracing::info!("{line}");
+            })
+            .map_err(fetch_error)?;
+        let value = read(&mirror)?;
+        Ok::<_, CliError>((mirror.url().to_owned(), value))
+    });
+    match tokio::time::timeout(FETCH_DEADLINE, task).await {
+        Ok(joined) => joined
+            .context("the desired-state fetch task failed")
+            .map_err(CliError::Failed)?,
+        Err(_) => {
+            cancel.cancel();
+            Err(CliError::Unreachable(anyhow!(
+                "fetching the desired-state repository took longer than {}s",
+                FETCH_DEADLINE.as_secs()
+            )))
+        }
+    }
+}
+
 fn fetch_error(e: MaterializeError) -> CliError {
     match e {
         MaterializeError::Fetch { .. } | MaterializeError::Cancelled { .. } => {
