@@ -16,6 +16,30 @@ use unidesk_controller::config::ControllerConfig;
 use unidesk_controller::init::{InitPlan, InitReport};
 use unidesk_protocol::{AgentId, Secret};
 
+/// Runs the real agent (`service::run`) in this process until `cancel`, and waits up to 15 s
+/// until `hub` lists it as connected.
+pub async fn start_agent(
+    agent: AgentConfig,
+    secret: Secret,
+    hub: &unidesk_controller::hub::Hub,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    tokio::spawn(async move {
+        if let Err(e) = unidesk_agent::service::run(agent, secret, Default::default(), cancel).await
+        {
+            tracing::error!("agent stopped: {e:#}");
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while hub.agents().is_empty() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the agent did not connect to the controller within 15 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Egress rules of every benchmark setup: the byte source is on loopback.
 pub const EGRESS_ALLOW: [&str; 2] = ["127.0.0.1:*", "cidr:127.0.0.0/8"];
 

@@ -267,23 +267,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     agent.controller.url = format!("wss://{}:{}/agent", gateway.ip(), gateway.port());
     let agent_id = agent.id.clone();
     let event_window = agent.event_window;
-    {
-        let cancel = cancel.child_token();
-        tokio::spawn(async move {
-            if let Err(e) =
-                unidesk_agent::service::run(agent, secret, Default::default(), cancel).await
-            {
-                tracing::error!("agent stopped: {e:#}");
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while hub.agents().is_empty() {
-        if Instant::now() > deadline {
-            anyhow::bail!("the agent did not connect to the controller within 15 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    unidesk_bench::setup::start_agent(agent, secret, &hub, cancel.child_token()).await?;
     let reference_dir = setup.dir.path().join("reference");
 
     // Warm-up, not counted: first launch, run directory, allocator growth.

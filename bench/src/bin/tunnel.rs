@@ -313,24 +313,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     agent.tunnel = tunnel.clone();
     let proxy = agent.proxy.listen;
     let tls_client = unidesk_agent::conn::tls_config(&agent).map_err(anyhow::Error::msg)?;
-    {
-        let cancel = cancel.child_token();
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            if let Err(e) =
-                unidesk_agent::service::run(agent, secret, Default::default(), cancel).await
-            {
-                tracing::error!("agent stopped: {e:#}");
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while hub.agents().is_empty() {
-        if Instant::now() > deadline {
-            anyhow::bail!("the agent did not connect to the controller within 15 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    unidesk_bench::setup::start_agent(agent.clone(), secret, &hub, cancel.child_token()).await?;
 
     let server_tls = unidesk_controller::pki::server_config(
         &controller.path(&controller.gateway.cert),
