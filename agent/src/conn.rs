@@ -208,6 +208,25 @@ pub fn tls_config(config: &AgentConfig) -> Result<Arc<rustls::ClientConfig>, Str
     Ok(Arc::new(tls))
 }
 
+/// This connection's TLS exporter keying material for the Hello's session proof
+/// ([`Hello::session_proof`]); the controller derives the same bytes from its side.
+pub fn hello_keying_material(
+    tls: &rustls::ClientConnection,
+) -> Result<[u8; Hello::EXPORTER_LEN], rustls::Error> {
+    tls.export_keying_material([0u8; Hello::EXPORTER_LEN], Hello::EXPORTER_LABEL, None)
+}
+
+/// The Hello this agent sends on the connection whose exporter gave `keying_material`.
+pub fn hello(config: &AgentConfig, secret: &Secret, keying_material: &[u8]) -> Hello {
+    Hello {
+        agent_id: config.id.clone(),
+        agent_version: crate::launch::probe::AGENT_VERSION.to_string(),
+        capabilities: crate::launch::probe::capabilities(),
+        credential: secret.clone(),
+        session_proof: Hello::session_proof(secret, keying_material),
+    }
+}
+
 /// `(host, port)` of a `wss://host:port/path` URL.
 pub fn url_host_port(url: &str) -> Result<(String, u16), String> {
     let rest = url
@@ -244,6 +263,9 @@ async fn connect(config: &AgentConfig, secret: &Secret) -> Result<(Ws, Welcome),
             .connect(name, tcp)
             .await
             .map_err(|e| unreachable(format!("TLS with {host}:{port}: {e}")))?;
+        // The Hello proves it was made for this TLS connection, so it cannot be replayed.
+        let keying_material = hello_keying_material(tls.get_ref().1)
+            .map_err(|e| unreachable(format!("TLS exporter with {host}:{port}: {e}")))?;
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(
             config.controller.url.as_str(),
             tls,
@@ -251,12 +273,7 @@ async fn connect(config: &AgentConfig, secret: &Secret) -> Result<(Ws, Welcome),
         )
         .await
         .map_err(|e| unreachable(format!("WebSocket upgrade: {e}")))?;
-        let hello = AgentFrame::Hello(Hello {
-            agent_id: config.id.clone(),
-            agent_version: crate::launch::probe::AGENT_VERSION.to_string(),
-            capabilities: crate::launch::probe::capabilities(),
-            credential: secret.clone(),
-        });
+        let hello = AgentFrame::Hello(hello(config, secret, &keying_material));
         let bytes = hello.encode().map_err(|e| unreachable(e.to_string()))?;
         ws.send(Message::Binary(bytes.into()))
             .await
@@ -350,6 +367,16 @@ async fn session(
             }
             frame = link.incoming.recv() => {
                 let Some(frame) = frame else { continue };
+                if let ControllerFrame::Query { query_id, query } = frame {
+                    // A query may take seconds (Docker, the API server); it is answered
+                    // beside the loop so pings, acks, cancels and launches are not held up.
+                    let (executor, outgoing) = (executor.clone(), link.outgoing.clone());
+                    tokio::spawn(async move {
+                        let reply = answer(query, &executor).await;
+                        let _ = outgoing.send(AgentFrame::Reply { query_id, reply }).await;
+                    });
+                    continue;
+                }
                 if let Some(answer) = handle(frame, executor).await {
                     let _ = link.outgoing.send(answer).await;
                 }
@@ -371,10 +398,8 @@ async fn handle(frame: ControllerFrame, executor: &Arc<Executor>) -> Option<Agen
             executor.events.ack(&launch_id, seq);
             None
         }
-        ControllerFrame::Query { query_id, query } => {
-            let reply = answer(query, executor).await;
-            Some(AgentFrame::Reply { query_id, reply })
-        }
+        // Answered by the session loop in a task of its own.
+        ControllerFrame::Query { .. } => None,
         ControllerFrame::Welcome(_) => {
             tracing::warn!("ignoring a second Welcome");
             None
@@ -404,6 +429,20 @@ async fn answer(query: Query, executor: &Arc<Executor>) -> Reply {
             .read_tail(&run_id, file, max_bytes.min(MAX_READ))
         {
             Ok((bytes, truncated)) => Reply::RunFile { bytes, truncated },
+            Err(e) => Reply::Error {
+                reason: e.to_string(),
+            },
+        },
+        Query::LiveState { services } => Reply::LiveState {
+            services: crate::launch::live::live_state(&executor.config, services).await,
+        },
+        Query::DryRunManifest { manifest } => {
+            crate::launch::live::dry_run(&executor.config, &manifest).await
+        }
+        Query::RunDirectory { run_id } => match executor.events.runs().locate(&run_id) {
+            Ok(path) => Reply::RunDirectory {
+                path: path.display().to_string(),
+            },
             Err(e) => Reply::Error {
                 reason: e.to_string(),
             },

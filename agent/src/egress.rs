@@ -19,11 +19,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The largest request head (request line and headers) a client may send.
-pub const MAX_HEAD: usize = 16 * 1024;
+pub mod request;
 
-/// How long a client has to send its whole request head.
-const HEAD_DEADLINE: Duration = Duration::from_secs(30);
+use request::authority;
+pub use request::{MAX_HEAD, ORIGIN_PREFIX, ProxyError, ProxyRequest, parse_head, path_named_url};
+
+/// How long a client has to send its whole request head, however it trickles it in: a
+/// slowloris-style client holds one of [`MAX_CLIENTS`] slots for at most this long. Git and
+/// Docker send their heads at once.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long opening a tunnel stream may take before the client gets 504.
 const OPEN_DEADLINE: Duration = Duration::from_secs(60);
@@ -37,9 +41,6 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 /// How many clients are served at once; further clients wait in the listen backlog.
 const MAX_CLIENTS: usize = 256;
-
-/// The most headers a request head may have.
-const MAX_HEADERS: usize = 100;
 
 /// A byte stream in both directions, such as a tunnel stream or a TCP connection.
 pub trait AsyncReadWrite: AsyncRead + AsyncWrite {}
@@ -143,41 +144,6 @@ pub async fn serve(
     }
     tracker.close();
     tracker.wait().await;
-}
-
-/// What a client asked for, parsed from its request head.
-#[derive(Debug, PartialEq, Eq)]
-enum ProxyRequest {
-    /// `CONNECT host:port`: splice raw bytes after a 200.
-    Connect { host: String, port: u16 },
-    /// An absolute-form request: send `head` (rewritten to origin form) to `host:port`.
-    Forward {
-        host: String,
-        port: u16,
-        head: Vec<u8>,
-    },
-}
-
-/// A request the proxy answers itself with an error status.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-enum ProxyError {
-    #[error("malformed request head: {0}")]
-    Malformed(String),
-    #[error("request head exceeds {MAX_HEAD} bytes")]
-    HeadTooLarge,
-    #[error("request head has more than {MAX_HEADERS} headers")]
-    TooManyHeaders,
-    #[error("unsupported request target {target:?}: {why}")]
-    BadTarget { target: String, why: &'static str },
-}
-
-impl ProxyError {
-    fn status(&self) -> &'static str {
-        match self {
-            Self::HeadTooLarge | Self::TooManyHeaders => "431 Request Header Fields Too Large",
-            Self::Malformed(_) | Self::BadTarget { .. } => "400 Bad Request",
-        }
-    }
 }
 
 /// Serves one client connection from head to close.
@@ -299,208 +265,6 @@ async fn read_head(
     }
 }
 
-/// Parses a request head from the start of `buf`: `Ok(None)` when incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<(ProxyRequest, usize)>, ProxyError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::TooManyHeaders),
-        Err(e) => return Err(ProxyError::Malformed(e.to_string())),
-    };
-    if head_len > MAX_HEAD {
-        return Err(ProxyError::HeadTooLarge);
-    }
-    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return Err(ProxyError::Malformed("incomplete request line".into()));
-    };
-    if method.eq_ignore_ascii_case("CONNECT") {
-        let (host, port) = split_authority(target, None).map_err(|why| ProxyError::BadTarget {
-            target: target.to_owned(),
-            why,
-        })?;
-        return Ok(Some((ProxyRequest::Connect { host, port }, head_len)));
-    }
-    let (host, port, origin, named_in_path) = match target.strip_prefix(ORIGIN_PREFIX) {
-        Some(rest) => {
-            let (host, port, origin) = split_named(rest).map_err(|why| ProxyError::BadTarget {
-                target: target.to_owned(),
-                why,
-            })?;
-            (host, port, origin, true)
-        }
-        None => {
-            let (host, port, origin) =
-                split_absolute(target).map_err(|why| ProxyError::BadTarget {
-                    target: target.to_owned(),
-                    why,
-                })?;
-            (host, port, origin, false)
-        }
-    };
-    // A client that named the upstream in the path sent the proxy's own Host header.
-    let head = origin_form_head(
-        method,
-        origin,
-        version,
-        req.headers,
-        &authority(&host, port),
-        named_in_path,
-    );
-    Ok(Some((ProxyRequest::Forward { host, port, head }, head_len)))
-}
-
-/// Path prefix of origin-form requests that name their upstream in the path:
-/// `GET /.unidesk-egress/<host>:<port>/<path>`. libgit2 sends a plain-http request meant for
-/// an HTTP proxy to the origin server itself (libgit2 issue 5650), which would bypass the
-/// tunnel; so the agent's own fetches of `http://` remotes address this proxy as their server
-/// instead ([`path_named_url`]). The target then takes the same tunnel and the same
-/// controller policy as any other request.
-pub const ORIGIN_PREFIX: &str = "/.unidesk-egress/";
-
-/// Rewrites an `http://host[:port]/path` URL to one served by the proxy at `proxy`
-/// (`http://127.0.0.1:18789`) that names its upstream in the path. `None` for other schemes.
-pub fn path_named_url(proxy: &str, url: &str) -> Option<String> {
-    let rest = url.strip_prefix("http://")?;
-    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (auth, path) = rest.split_at(auth_end);
-    let (host, port) = split_authority(auth, Some(80)).ok()?;
-    let path = if path.starts_with('/') || path.is_empty() {
-        path.to_owned()
-    } else {
-        format!("/{path}")
-    };
-    Some(format!(
-        "{}{ORIGIN_PREFIX}{}{path}",
-        proxy.trim_end_matches('/'),
-        authority(&host, port)
-    ))
-}
-
-/// Splits `host:port/path?query` (after [`ORIGIN_PREFIX`]) into host, port and origin form.
-fn split_named(rest: &str) -> Result<(String, u16, String), &'static str> {
-    let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (auth, path) = rest.split_at(auth_end);
-    let (host, port) = split_authority(auth, Some(80))?;
-    let origin = if path.starts_with('/') {
-        path.to_owned()
-    } else {
-        format!("/{path}")
-    };
-    Ok((host, port, origin))
-}
-
-/// Splits an absolute-form `http://host[:port]/path?query` into host, port (default 80) and
-/// origin form (`/path?query`).
-fn split_absolute(target: &str) -> Result<(String, u16, String), &'static str> {
-    let scheme_end = target
-        .find("://")
-        .ok_or("expected CONNECT host:port or an absolute http:// URL")?;
-    let (scheme, rest) = target.split_at(scheme_end);
-    if !scheme.eq_ignore_ascii_case("http") {
-        return Err("only http:// URLs are forwarded; use CONNECT for https");
-    }
-    let rest = rest.get(3..).unwrap_or_default();
-    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (auth, path) = rest.split_at(auth_end);
-    let (host, port) = split_authority(auth, Some(80))?;
-    // A fragment is never sent to a server.
-    let path = path.split('#').next().unwrap_or_default();
-    let origin = if path.starts_with('/') {
-        path.to_owned()
-    } else {
-        format!("/{path}")
-    };
-    Ok((host, port, origin))
-}
-
-/// Splits `host:port` or `[v6]:port`; `default_port` applies when the port is absent.
-fn split_authority(auth: &str, default_port: Option<u16>) -> Result<(String, u16), &'static str> {
-    if auth.contains('@') {
-        return Err("credentials in the request target are not supported");
-    }
-    let (host, port) = if let Some(v6) = auth.strip_prefix('[') {
-        let (host, after) = v6.split_once(']').ok_or("unterminated [ in the host")?;
-        match after {
-            "" => (host, None),
-            p => (
-                host,
-                Some(p.strip_prefix(':').ok_or("junk after ] in the host")?),
-            ),
-        }
-    } else {
-        match auth.split_once(':') {
-            // An IPv6 literal must be in brackets, so a second colon is an error.
-            Some((_, p)) if p.contains(':') => return Err("IPv6 host not in brackets"),
-            Some((h, p)) => (h, Some(p)),
-            None => (auth, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("empty host");
-    }
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
-    {
-        return Err("host has characters no host name has");
-    }
-    let port = match port {
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n != 0 => n,
-            _ => return Err("port is not 1-65535"),
-        },
-        None => default_port.ok_or("port missing")?,
-    };
-    Ok((host.to_owned(), port))
-}
-
-/// `host:port` with an IPv6 literal in brackets, as in a Host header.
-fn authority(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
-/// The head to send upstream: origin-form request line, the client's headers minus
-/// `Proxy-*` and hop-by-hop connection headers, a Host header, and `Connection: close` so
-/// the server ends the exchange and the splice ends with it.
-fn origin_form_head(
-    method: &str,
-    origin: String,
-    version: u8,
-    headers: &[httparse::Header<'_>],
-    host: &str,
-    replace_host: bool,
-) -> Vec<u8> {
-    let mut head = format!("{method} {origin} HTTP/1.{version}\r\n").into_bytes();
-    let mut has_host = false;
-    for h in headers {
-        let name = h.name;
-        let lower = name.to_ascii_lowercase();
-        if lower.starts_with("proxy-")
-            || lower == "connection"
-            || lower == "keep-alive"
-            || (replace_host && lower == "host")
-        {
-            continue;
-        }
-        has_host |= lower == "host";
-        head.extend_from_slice(name.as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(h.value);
-        head.extend_from_slice(b"\r\n");
-    }
-    if !has_host {
-        head.extend_from_slice(format!("Host: {host}\r\n").as_bytes());
-    }
-    head.extend_from_slice(b"Connection: close\r\n\r\n");
-    head
-}
-
 /// Writes all of `bytes` within [`WRITE_DEADLINE`]; false when that failed.
 async fn write_within<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> bool {
     let write = async {
@@ -540,6 +304,7 @@ async fn reply(client: &mut TcpStream, status: &str, body: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::request::split_authority;
     use super::*;
 
     /// A test double standing in for the tunnel: it connects straight to the target with TCP
@@ -839,6 +604,75 @@ mod tests {
         s.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
         assert!(TcpStream::connect(p.addr).await.is_err());
+    }
+
+    /// A client that trickles its head one byte a second gets 408 at the head deadline,
+    /// not later, and the proxy holds at most `MAX_HEAD` plus one read of it.
+    #[tokio::test(start_paused = true)]
+    async fn slowloris_head_is_cut_at_the_deadline() {
+        let p = proxy(DirectTcpOpenerStandingInForTunnel).await;
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let trickle = b"GET http://example.test/ HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        for byte in trickle {
+            s.write_all(&[*byte]).await.unwrap();
+            // Wait a second for an answer before the next byte.
+            match tokio::time::timeout(Duration::from_secs(1), s.read(&mut chunk)).await {
+                Err(_) => {}
+                Ok(Ok(n)) => {
+                    answer.extend_from_slice(&chunk[..n]);
+                    break;
+                }
+                Ok(Err(e)) => panic!("reading the answer: {e}"),
+            }
+        }
+        let elapsed = started.elapsed();
+        let _ = s.read_to_end(&mut answer).await;
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{answer}"
+        );
+        assert!(
+            elapsed >= HEAD_DEADLINE && elapsed < HEAD_DEADLINE + Duration::from_secs(5),
+            "answered after {elapsed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn adversarial_heads_get_400_naming_the_fault() {
+        let p = proxy(RefusingOpener { down: false }).await;
+        for (req, why) in [
+            (
+                &b"CONNECT example.test:https HTTP/1.1\r\n\r\n"[..],
+                "port is not 1-65535",
+            ),
+            (
+                b"CONNECT example.test:0 HTTP/1.1\r\n\r\n",
+                "port is not 1-65535",
+            ),
+            (
+                b"CONNECT example.test: HTTP/1.1\r\n\r\n",
+                "port is not 1-65535",
+            ),
+            (b"CONNECT example.test HTTP/1.1\r\n\r\n", "port missing"),
+            (
+                b"GET http://user:pw@example.test/ HTTP/1.1\r\n\r\n",
+                "credentials in the request target",
+            ),
+            (b"\x00\x01\x02\x03\r\n\r\n", "malformed request head"),
+            (b"GET  HTTP/1.1\r\n\r\n", "malformed request head"),
+            (b"GET http://a/ HTTP/9.9\r\n\r\n", "malformed request head"),
+        ] {
+            let response = exchange(p.addr, req).await;
+            assert!(
+                response.starts_with("HTTP/1.1 400 Bad Request\r\n") && response.contains(why),
+                "{:?} -> {response}",
+                String::from_utf8_lossy(req)
+            );
+        }
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub async fn connect(target: &Target, id: &AgentId, secret: &Secret) -> anyhow::
             .connect(name, tcp)
             .await
             .with_context(|| format!("TLS with {}", target.addr))?;
+        let material =
+            unidesk_agent::conn::hello_keying_material(tls.get_ref().1).context("TLS exporter")?;
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(
             target.url.as_str(),
             tls,
@@ -79,6 +81,7 @@ pub async fn connect(target: &Target, id: &AgentId, secret: &Secret) -> anyhow::
             agent_version: concat!("bench-", env!("CARGO_PKG_VERSION")).to_string(),
             capabilities: vec![Capability::Probe],
             credential: secret.clone(),
+            session_proof: Hello::session_proof(secret, &material),
         });
         ws.send(Message::Binary(hello.encode()?.into()))
             .await

@@ -101,7 +101,8 @@ impl EgressRefusal {
 pub enum AddressClass {
     /// 127.0.0.0/8 and ::1.
     Loopback,
-    /// 10/8, 172.16/12, 192.168/16 and fc00::/7.
+    /// 10/8, 172.16/12, 192.168/16, 100.64/10 (carrier-grade NAT), fc00::/7 and the
+    /// deprecated site-local fec0::/10.
     Private,
     /// 169.254/16 and fe80::/10.
     LinkLocal,
@@ -128,15 +129,35 @@ impl fmt::Display for AddressClass {
 
 /// The forbidden class of `addr`, or `None` for an ordinary public address.
 ///
-/// An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is classified as its IPv4 address, so
-/// the mapping cannot smuggle a loopback target past the policy.
+/// An IPv6 address that carries an IPv4 address is classified as that IPv4 address, so no
+/// encoding can smuggle a loopback or private target past the policy: IPv4-mapped
+/// (`::ffff:127.0.0.1`), IPv4-compatible (`::127.0.0.1`, deprecated), NAT64
+/// (`64:ff9b::/96`, which a NAT64 gateway turns into the IPv4 address) and 6to4
+/// (`2002:AABB:CCDD::/48`). A forbidden IPv6 class wins over the carried address.
 pub fn classify(addr: IpAddr) -> Option<AddressClass> {
     match addr {
         IpAddr::V4(v4) => classify_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => classify_v4(v4),
-            None => classify_v6(v6),
-        },
+        IpAddr::V6(v6) => classify_v6(v6).or_else(|| embedded_v4(v6).and_then(classify_v4)),
+    }
+}
+
+/// The IPv4 address an IPv6 address carries, if it is one of the forms that reach it.
+fn embedded_v4(addr: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(addr);
+    let low32 = Ipv4Addr::from((bits & 0xffff_ffff) as u32);
+    if let Some(v4) = addr.to_ipv4_mapped() {
+        Some(v4)
+    } else if bits >> 32 == 0 {
+        // IPv4-compatible `::a.b.c.d` (`::` and `::1` are classified before this).
+        Some(low32)
+    } else if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 {
+        // The NAT64 well-known prefix 64:ff9b::/96 (RFC 6052).
+        Some(low32)
+    } else if bits >> 112 == 0x2002 {
+        // 6to4: 2002:AABB:CCDD::/48 carries AA.BB.CC.DD (RFC 3056).
+        Some(Ipv4Addr::from(((bits >> 80) & 0xffff_ffff) as u32))
+    } else {
+        None
     }
 }
 
@@ -144,7 +165,7 @@ fn classify_v4(addr: Ipv4Addr) -> Option<AddressClass> {
     let [first, ..] = addr.octets();
     if addr.is_loopback() {
         Some(AddressClass::Loopback)
-    } else if addr.is_private() {
+    } else if addr.is_private() || is_shared_v4(addr) {
         Some(AddressClass::Private)
     } else if addr.is_link_local() {
         Some(AddressClass::LinkLocal)
@@ -159,13 +180,21 @@ fn classify_v4(addr: Ipv4Addr) -> Option<AddressClass> {
     }
 }
 
+/// 100.64.0.0/10, the carrier-grade NAT range (RFC 6598): never a public destination, and
+/// the range overlay networks (Tailscale) give to the nodes themselves.
+fn is_shared_v4(addr: Ipv4Addr) -> bool {
+    let [a, b, ..] = addr.octets();
+    a == 100 && b & 0xc0 == 64
+}
+
 fn classify_v6(addr: Ipv6Addr) -> Option<AddressClass> {
     let [first, ..] = addr.segments();
     if addr.is_loopback() {
         Some(AddressClass::Loopback)
     } else if addr.is_unspecified() {
         Some(AddressClass::Unspecified)
-    } else if first & 0xfe00 == 0xfc00 {
+    } else if first & 0xfe00 == 0xfc00 || first & 0xffc0 == 0xfec0 {
+        // Unique local fc00::/7, and the deprecated site-local fec0::/10.
         Some(AddressClass::Private)
     } else if first & 0xffc0 == 0xfe80 {
         Some(AddressClass::LinkLocal)
@@ -674,6 +703,33 @@ mod tests {
             // An IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
             (&standard, "internal.example", 443, ips(&["::ffff:127.0.0.1"]), Refuse("is loopback")),
             (&standard, "10.1.2.3", 22, ips(&["10.1.2.3"]), Refuse("10.1.2.3 is private")),
+            // IPv6 and IPv4-in-IPv6 forms of the same forbidden targets (the name is an
+            // allowed IP literal or an allowed name that resolves to the form).
+            (&standard, "[::1]", 80, ips(&["::1"]), Refuse("egress to [::1]:80 refused: address ::1 is loopback")),
+            (&standard, "internal.example", 443, ips(&["0:0:0:0:0:0:0:1"]), Refuse("::1 is loopback")),
+            (&standard, "internal.example", 443, ips(&["::ffff:7f00:1"]), Refuse("::ffff:127.0.0.1 is loopback")),
+            (&standard, "internal.example", 443, ips(&["::ffff:169.254.169.254"]), Refuse("is link-local")),
+            (&standard, "internal.example", 443, ips(&["::ffff:192.168.1.1"]), Refuse("is private")),
+            (&standard, "internal.example", 443, ips(&["::ffff:10.0.0.1"]), Refuse("is private")),
+            (&standard, "internal.example", 443, ips(&["::ffff:0.0.0.0"]), Refuse("is unspecified")),
+            (&standard, "internal.example", 443, ips(&["::127.0.0.1"]), Refuse("::7f00:1 is loopback")),
+            (&standard, "internal.example", 443, ips(&["64:ff9b::7f00:1"]), Refuse("64:ff9b::7f00:1 is loopback")),
+            (&standard, "internal.example", 443, ips(&["64:ff9b::a9fe:a9fe"]), Refuse("is link-local")),
+            (&standard, "internal.example", 443, ips(&["2002:c0a8:101::1"]), Refuse("2002:c0a8:101::1 is private")),
+            (&standard, "internal.example", 443, ips(&["2002:7f00:1::"]), Refuse("is loopback")),
+            (&standard, "internal.example", 443, ips(&["fe80::1:2"]), Refuse("is link-local")),
+            (&standard, "internal.example", 443, ips(&["febf:ffff::1"]), Refuse("is link-local")),
+            (&standard, "internal.example", 443, ips(&["fc00::1"]), Refuse("fc00::1 is private")),
+            (&standard, "internal.example", 443, ips(&["fec0::1"]), Refuse("fec0::1 is private")),
+            (&standard, "internal.example", 443, ips(&["100.64.0.1"]), Refuse("100.64.0.1 is private")),
+            (&standard, "internal.example", 443, ips(&["100.127.255.254"]), Refuse("is private")),
+            // Public neighbours of those ranges, and public addresses inside the embeddings.
+            (&standard, "internal.example", 443, ips(&["100.128.0.1"]), Dial("100.128.0.1:443")),
+            (&standard, "internal.example", 443, ips(&["2606:4700::1111"]), Dial("[2606:4700::1111]:443")),
+            (&standard, "internal.example", 443, ips(&["64:ff9b::5db8:d822"]), Dial("[64:ff9b::5db8:d822]:443")),
+            (&standard, "internal.example", 443, ips(&["::ffff:93.184.216.34"]), Dial("[::ffff:93.184.216.34]:443")),
+            // Every loopback form of the agent's own host is refused, the first one named.
+            (&standard, "internal.example", 443, ips(&["::1", "127.0.0.1", "::ffff:127.0.0.1"]), Refuse("address ::1 is loopback")),
             // A public address among forbidden ones is the one dialled.
             (&standard, "internal.example", 443, ips(&["10.0.0.1", "93.184.216.34"]), Dial("93.184.216.34:443")),
             // Nothing resolved.
@@ -688,6 +744,11 @@ mod tests {
             (&with_cidrs, "internal.example", 443, ips(&["192.168.0.5"]), Refuse("192.168.0.5 is private")),
             (&with_cidrs, "internal.example", 443, ips(&["fd00::5"]), Dial("[fd00::5]:443")),
             (&with_cidrs, "internal.example", 443, ips(&["::ffff:10.0.0.9"]), Dial("[::ffff:10.0.0.9]:443")),
+            (&with_cidrs, "localhost", 80, ips(&["::ffff:127.0.0.1"]), Dial("[::ffff:127.0.0.1]:80")),
+            // A cidr entry exempts its own family's form only: NAT64 and 6to4 encodings of
+            // 127.0.0.1 stay refused under cidr:127.0.0.0/8.
+            (&with_cidrs, "localhost", 80, ips(&["64:ff9b::7f00:1"]), Refuse("is loopback")),
+            (&with_cidrs, "localhost", 80, ips(&["2002:7f00:1::"]), Refuse("is loopback")),
             // A cidr entry alone does not allow a name no host rule lists.
             (&with_cidrs, "other.example", 443, ips(&["10.0.0.1"]), Refuse("no rule matched")),
             // The empty policy allows nothing.
@@ -783,6 +844,51 @@ mod tests {
         .unwrap_err();
         assert!(err.is_policy());
         assert!(err.to_string().contains("is loopback"), "{err}");
+    }
+
+    /// The resolver turns numeric spellings (`2130706433`, `0x7f000001`, `127.1`,
+    /// `017700000001`) and IPv6 literals into loopback addresses; an allowlist entry for the
+    /// spelling does not exempt the address, a cidr entry does.
+    #[tokio::test]
+    async fn dial_judges_numeric_and_ipv6_spellings_by_their_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let names = [
+            "2130706433",
+            "0x7f000001",
+            "127.1",
+            "017700000001",
+            "localhost",
+            "[::1]",
+            "[::ffff:127.0.0.1]",
+            "[0:0:0:0:0:0:0:1]",
+        ];
+        let entries: Vec<String> = names.iter().map(|n| format!("{n}:*")).collect();
+        let no_cidr = EgressPolicy::parse(&entries).unwrap();
+        for name in names {
+            let err = dial(&no_cidr, name, port, Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(err.is_policy(), "{name}: {err}");
+            assert!(err.to_string().contains("is loopback"), "{name}: {err}");
+        }
+        let with_cidr = EgressPolicy::parse(
+            entries
+                .iter()
+                .map(String::as_str)
+                .chain(["cidr:127.0.0.0/8"]),
+        )
+        .unwrap();
+        for name in ["2130706433", "0x7f000001", "127.1", "[::ffff:127.0.0.1]"] {
+            let (_stream, addr) = dial(&with_cidr, name, port, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(addr.port(), port, "{name}");
+            assert!(
+                classify(addr.ip()) == Some(AddressClass::Loopback),
+                "{name}: {addr}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -26,7 +26,6 @@ use unidesk_protocol::{
     AgentFrame, ControllerFrame, Event, Hello, PROTOCOL_VERSION, Welcome, Wire,
 };
 
-use crate::config::AgentCredential;
 use crate::egress::EgressPolicy;
 use crate::hub::{AgentInfo, Hub, now_ms};
 
@@ -36,7 +35,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Everything a session needs besides its socket.
 pub struct Gateway {
     pub hub: Arc<Hub>,
-    pub credentials: Vec<AgentCredential>,
+    pub credentials: crate::auth::Credentials,
     pub egress: EgressPolicy,
     pub egress_timeout: Duration,
     pub link: LinkConfig,
@@ -85,6 +84,8 @@ async fn connection(
             .accept(tcp)
             .await
             .map_err(|e| format!("TLS handshake: {e}"))?;
+        let keying_material =
+            hello_keying_material(tls.get_ref().1).map_err(|e| format!("TLS exporter: {e}"))?;
         let mut ws = tokio_tungstenite::accept_async_with_config(
             tls,
             Some(unidesk_link::websocket_config()),
@@ -125,30 +126,59 @@ async fn connection(
                 return Err(reason);
             }
         };
-        Ok((ws, hello))
+        Ok((ws, hello, keying_material))
     };
-    let (mut ws, hello) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(reason)) => {
-            tracing::warn!(reason, "agent connection refused");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("agent connection refused: handshake took longer than 10 s");
-            return;
-        }
-    };
-    if let Err(e) =
-        crate::auth::authenticate(&gateway.credentials, &hello.agent_id, &hello.credential)
+    let (mut ws, hello, keying_material) =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(reason)) => {
+                tracing::warn!(reason, "agent connection refused");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("agent connection refused: handshake took longer than 10 s");
+                return;
+            }
+        };
+    if let Err(e) = gateway
+        .credentials
+        .authenticate(&hello.agent_id, &hello.credential)
     {
         tracing::warn!(agent = %hello.agent_id, reason = %e, "agent refused");
         refuse(&mut ws, CloseCode::Policy, &e.to_string()).await;
+        return;
+    }
+    // The secret is right; the proof says whether this Hello was made for this connection.
+    if let Err(reason) = check_session_proof(&hello, &keying_material) {
+        tracing::warn!(agent = %hello.agent_id, %reason, "agent refused");
+        refuse(&mut ws, CloseCode::Policy, &reason).await;
         return;
     }
     let agent = hello.agent_id.clone();
     session(gateway, ws, hello, peer, cancel)
         .instrument(tracing::info_span!("agent", agent_id = %agent))
         .await;
+}
+
+/// This connection's TLS exporter keying material, as the agent derives it for its Hello.
+fn hello_keying_material(
+    tls: &rustls::ServerConnection,
+) -> Result<[u8; Hello::EXPORTER_LEN], rustls::Error> {
+    tls.export_keying_material([0u8; Hello::EXPORTER_LEN], Hello::EXPORTER_LABEL, None)
+}
+
+/// Refuses a Hello whose session proof was not made for this connection: a Hello
+/// captured from another session and replayed, or one from a client that skipped the proof.
+fn check_session_proof(hello: &Hello, keying_material: &[u8]) -> Result<(), String> {
+    if hello.proves_session(keying_material) {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent {} sent a Hello whose session proof does not match this TLS connection \
+             (a replayed or forged Hello)",
+            hello.agent_id
+        ))
+    }
 }
 
 async fn refuse<S>(ws: &mut WebSocketStream<S>, code: CloseCode, reason: &str)
@@ -354,12 +384,13 @@ async fn tunnel_stream(
     .await;
     let (mut tcp, reply) = match dialed {
         Ok((tcp, addr)) => (
-            Some(tcp),
+            Some(crate::metrics::count_egress(tcp)),
             TunnelReply::Connected {
                 addr: addr.to_string(),
             },
         ),
         Err(e) => {
+            crate::metrics::egress_refused(&e);
             tracing::warn!(agent = %agent, dest = %target, reason = %e, "egress refused");
             (
                 None,
@@ -380,4 +411,32 @@ async fn tunnel_stream(
         let _ = tokio::io::copy_bidirectional(&mut stream, tcp).await;
     }
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use unidesk_protocol::{AgentId, Secret};
+
+    use super::*;
+
+    #[test]
+    fn a_hello_proven_for_another_session_is_refused() {
+        let secret = Secret::new("s3cret");
+        let ours = [9u8; Hello::EXPORTER_LEN];
+        let hello = |material: &[u8]| Hello {
+            agent_id: AgentId::new("d601").unwrap(),
+            agent_version: "t".into(),
+            capabilities: vec![],
+            credential: secret.clone(),
+            session_proof: Hello::session_proof(&secret, material),
+        };
+        assert_eq!(check_session_proof(&hello(&ours), &ours), Ok(()));
+        let err = check_session_proof(&hello(&[8u8; Hello::EXPORTER_LEN]), &ours).unwrap_err();
+        assert_eq!(
+            err,
+            "agent d601 sent a Hello whose session proof does not match this TLS connection \
+             (a replayed or forged Hello)"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
 }

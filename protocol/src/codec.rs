@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 use crate::frame::{AgentFrame, ControllerFrame};
 
 /// The wire version this build speaks. Any change to a frame type bumps it.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// 2: `Hello` carries `session_proof`, binding it to its TLS connection.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest frame either side accepts (4 MiB). Log lines and tunnel chunks are far smaller.
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
@@ -133,7 +135,7 @@ mod tests {
         assert_eq!(
             bytes,
             [
-                0, 1, // version
+                0, 2, // version
                 2, // ControllerFrame::Launch
                 3, b'l', b'-', b'1', 3, b'r', b'-', b'1', // ids
                 128, 160, 241, 194, 177, 52, // deadline varint
@@ -141,6 +143,59 @@ mod tests {
             ]
         );
         assert_eq!(ControllerFrame::decode(&bytes).unwrap(), launch());
+    }
+
+    /// Golden bytes of a Hello (protocol version 2): the session proof is 32 raw bytes after
+    /// the credential. A change here is a wire change and must bump [`PROTOCOL_VERSION`].
+    #[test]
+    fn golden_hello_bytes() {
+        let hello = AgentFrame::Hello(Hello {
+            agent_id: AgentId::new("a").unwrap(),
+            agent_version: "v".into(),
+            capabilities: vec![Capability::Probe],
+            credential: Secret::new("s"),
+            session_proof: [7; 32],
+        });
+        let bytes = hello.encode().unwrap();
+        let mut want = vec![
+            0, 2, // version
+            0, // AgentFrame::Hello
+            1, b'a', // agent id
+            1, b'v', // agent version
+            1, 0, // capabilities: [Probe]
+            1, b's', // credential
+        ];
+        want.extend([7; 32]); // session proof, fixed length, no length prefix
+        assert_eq!(bytes, want);
+        assert_eq!(AgentFrame::decode(&bytes).unwrap(), hello);
+    }
+
+    #[test]
+    fn hello_proof_binds_secret_and_session() {
+        let secret = Secret::new("right");
+        let session = [1u8; 32];
+        let hello = Hello {
+            agent_id: AgentId::new("a").unwrap(),
+            agent_version: "v".into(),
+            capabilities: vec![],
+            credential: secret.clone(),
+            session_proof: Hello::session_proof(&secret, &session),
+        };
+        assert!(hello.proves_session(&session));
+        // Another connection's keying material: a replay.
+        assert!(!hello.proves_session(&[2u8; 32]));
+        // The proof made with another secret does not pass with this one.
+        let forged = Hello {
+            session_proof: Hello::session_proof(&Secret::new("other"), &session),
+            ..hello.clone()
+        };
+        assert!(!forged.proves_session(&session));
+        // RFC 4231 test case 2 pins the HMAC-SHA256 construction itself.
+        let rfc = Hello::session_proof(&Secret::new("Jefe"), b"what do ya want for nothing?");
+        assert_eq!(
+            rfc.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     /// Appended variants keep the indexes of the earlier ones: a CI launch is
@@ -197,16 +252,119 @@ mod tests {
         }
     }
 
+    /// The live-state and dry-run queries and replies are appended: `Query::LiveState` and
+    /// `Query::DryRunManifest` are Query variants 2 and 3, `Reply::LiveState` and
+    /// `Reply::DryRun` are Reply variants 3 and 4, so `Facts`, `ReadRun`, `RunFile` and
+    /// `Error` keep their encodings.
+    #[test]
+    fn live_state_and_dry_run_variants_are_appended() {
+        let live = Query::LiveState {
+            services: vec![
+                LiveTarget {
+                    service_id: "web".into(),
+                    lookup: LiveLookup::Compose {
+                        project: Some("unidesk".into()),
+                        service: "web".into(),
+                    },
+                },
+                LiveTarget {
+                    service_id: "api".into(),
+                    lookup: LiveLookup::K3s {
+                        namespace: "unidesk-dev".into(),
+                        deployments: vec![K3sDeployment {
+                            name: "api-dev".into(),
+                            container: "api".into(),
+                        }],
+                    },
+                },
+            ],
+        };
+        let dry = Query::DryRunManifest {
+            manifest: "apiVersion: v1\nkind: ConfigMap\n".into(),
+        };
+        for (query, index) in [(live, 2u8), (dry, 3)] {
+            let frame = ControllerFrame::Query { query_id: 7, query };
+            let bytes = frame.encode().unwrap();
+            // version(2) Query(1) id(1) then the Query variant.
+            assert_eq!(bytes[2], 5, "ControllerFrame::Query index");
+            assert_eq!(bytes[4], index, "{frame:?}");
+            assert_eq!(ControllerFrame::decode(&bytes).unwrap(), frame);
+        }
+        let replies = [
+            (
+                Reply::LiveState {
+                    services: vec![
+                        LiveService {
+                            service_id: "web".into(),
+                            observed: Ok(Some("a".repeat(40))),
+                        },
+                        LiveService {
+                            service_id: "idle".into(),
+                            observed: Ok(None),
+                        },
+                        LiveService {
+                            service_id: "api".into(),
+                            observed: Err("GET Deployment unidesk-dev/api-dev failed".into()),
+                        },
+                    ],
+                },
+                3u8,
+            ),
+            (
+                Reply::DryRun {
+                    api_server: "https://127.0.0.1:6443".into(),
+                    objects: vec![
+                        DryRunObject {
+                            document: 0,
+                            object: "ConfigMap/c".into(),
+                            namespace: Some("unidesk-dev".into()),
+                            result: Ok(()),
+                        },
+                        DryRunObject {
+                            document: 1,
+                            object: "Deployment/d".into(),
+                            namespace: Some("unidesk-dev".into()),
+                            result: Err("spec.selector: Required value".into()),
+                        },
+                    ],
+                },
+                4,
+            ),
+        ];
+        for (reply, index) in replies {
+            let frame = AgentFrame::Reply { query_id: 7, reply };
+            let bytes = frame.encode().unwrap();
+            assert_eq!(bytes[2], 5, "AgentFrame::Reply index");
+            assert_eq!(bytes[4], index, "{frame:?}");
+            assert_eq!(AgentFrame::decode(&bytes).unwrap(), frame);
+        }
+        // The earlier variants keep their indexes.
+        let error = AgentFrame::Reply {
+            query_id: 7,
+            reply: Reply::Error { reason: "r".into() },
+        };
+        assert_eq!(error.encode().unwrap()[4], 2, "Reply::Error index");
+        let facts = ControllerFrame::Query {
+            query_id: 7,
+            query: Query::Facts,
+        };
+        assert_eq!(facts.encode().unwrap()[4], 0, "Query::Facts index");
+    }
+
     #[test]
     fn wrong_version_is_named() {
         let mut bytes = launch().encode().unwrap();
         bytes[1] = 9;
         let err = ControllerFrame::decode(&bytes).unwrap_err();
-        assert_eq!(err, DecodeError::Version { got: 9, want: 1 });
+        assert_eq!(err, DecodeError::Version { got: 9, want: 2 });
         assert_eq!(
             err.to_string(),
-            "frame speaks protocol version 9, this side speaks version 1"
+            "frame speaks protocol version 9, this side speaks version 2"
         );
+        // A version-1 peer (a Hello without its session proof) is named as such.
+        bytes[1] = 1;
+        let err = ControllerFrame::decode(&bytes).unwrap_err();
+        assert_eq!(err, DecodeError::Version { got: 1, want: 2 });
     }
 
     #[test]
@@ -237,7 +395,7 @@ mod tests {
     #[test]
     fn length_bomb_is_refused_without_allocating() {
         // AgentFrame::Tunnel with a declared length of u32::MAX and 3 bytes of data.
-        let bytes = [0, 1, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3];
+        let bytes = [0, 2, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3];
         assert!(matches!(
             AgentFrame::decode(&bytes),
             Err(DecodeError::Body { .. })
@@ -246,7 +404,7 @@ mod tests {
 
     #[test]
     fn unknown_variant_is_refused() {
-        let bytes = [0, 1, 99];
+        let bytes = [0, 2, 99];
         let err = AgentFrame::decode(&bytes).unwrap_err();
         assert!(
             err.to_string().starts_with("malformed agent frame body"),
@@ -290,7 +448,7 @@ mod tests {
 
         #[test]
         fn versioned_arbitrary_bodies_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let mut bytes = vec![0, 1];
+            let mut bytes = PROTOCOL_VERSION.to_be_bytes().to_vec();
             bytes.extend(data);
             if let Ok(frame) = AgentFrame::decode(&bytes) {
                 // Whatever decodes must encode back to a frame that decodes the same.

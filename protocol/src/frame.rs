@@ -52,12 +52,54 @@ pub enum ControllerFrame {
 }
 
 /// The agent introduces itself.
+///
+/// The Hello is bound to the TLS connection that carries it: `session_proof` is
+/// HMAC-SHA256 keyed with the agent's secret over this connection's TLS exporter keying
+/// material ([`Hello::EXPORTER_LABEL`], RFC 5705 / RFC 8446 7.5). Both ends derive the same
+/// material from the one handshake and no other connection does, so a Hello captured from
+/// one session and sent again on another is refused even though its secret is right.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub agent_id: AgentId,
     pub agent_version: String,
     pub capabilities: Vec<Capability>,
     pub credential: Secret,
+    pub session_proof: [u8; 32],
+}
+
+impl Hello {
+    /// The TLS exporter label both ends use for [`Hello::session_proof`].
+    pub const EXPORTER_LABEL: &'static [u8] = b"EXPORTER-unidesk-agent-hello";
+
+    /// How many bytes of exporter keying material the proof is computed over.
+    pub const EXPORTER_LEN: usize = 32;
+
+    /// HMAC-SHA256(`credential`, `keying_material`): the proof that this Hello was made
+    /// for the connection whose exporter gave `keying_material`.
+    pub fn session_proof(credential: &Secret, keying_material: &[u8]) -> [u8; 32] {
+        use hmac::Mac as _;
+        hello_mac(credential, keying_material)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// True when [`Hello::session_proof`] was made with this Hello's credential for the
+    /// connection whose exporter gave `keying_material`. Compared in constant time.
+    pub fn proves_session(&self, keying_material: &[u8]) -> bool {
+        use hmac::Mac as _;
+        hello_mac(&self.credential, keying_material)
+            .verify_slice(&self.session_proof)
+            .is_ok()
+    }
+}
+
+fn hello_mac(credential: &Secret, keying_material: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(credential.expose().as_bytes())
+        .expect("HMAC accepts keys of any length");
+    mac.update(keying_material);
+    mac
 }
 
 /// The controller accepts an agent.
@@ -498,6 +540,18 @@ pub enum Query {
         file: RunFile,
         max_bytes: u32,
     },
+    /// What runs now for each listed service (`deploy check|plan`): the commit its running
+    /// container's image label or its Deployments' annotation proves. Answered with
+    /// [`Reply::LiveState`], one entry per service in the same order.
+    LiveState { services: Vec<LiveTarget> },
+    /// A server-side `dryRun=All` apply of every object of a multi-document Kubernetes
+    /// manifest through the node's kubeconfig (`dev-env validate --kubectl-dry-run`). The
+    /// manifest travels as data (YAML text, at most [`MAX_DRY_RUN_MANIFEST_BYTES`]); nothing is
+    /// applied for real. Answered with [`Reply::DryRun`].
+    DryRunManifest { manifest: String },
+    /// The absolute path of a run's directory on the node (what runbooks open); answered with
+    /// [`Reply::RunDirectory`].
+    RunDirectory { run_id: RunId },
 }
 
 /// A file of a run directory. The set is closed: no path is sent.
@@ -529,4 +583,67 @@ pub enum Reply {
     Error {
         reason: String,
     },
+    /// Answer to [`Query::LiveState`]: one entry per asked service, in the order asked.
+    LiveState {
+        services: Vec<LiveService>,
+    },
+    /// Answer to [`Query::DryRunManifest`]: the API server asked and one entry per object.
+    DryRun {
+        api_server: String,
+        objects: Vec<DryRunObject>,
+    },
+    /// Answer to [`Query::RunDirectory`].
+    RunDirectory {
+        path: String,
+    },
+}
+
+/// The largest manifest a [`Query::DryRunManifest`] carries (512 KiB), well inside a frame
+/// and the admin socket's request limit.
+pub const MAX_DRY_RUN_MANIFEST_BYTES: usize = 512 * 1024;
+
+/// One service whose live commit [`Query::LiveState`] asks for, with what the agent needs to
+/// find it. Names of things on the node only; no paths, no commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveTarget {
+    pub service_id: String,
+    pub lookup: LiveLookup,
+}
+
+/// Where a service runs on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LiveLookup {
+    /// The running container labelled with this Compose service (and project, when config
+    /// fixes one); its image's `unidesk.ai/source-commit` label is the live commit.
+    Compose {
+        project: Option<String>,
+        service: String,
+    },
+    /// These Deployments of `namespace`; their `unidesk.ai/deploy-commit` annotation is the
+    /// live commit (all of them must agree).
+    K3s {
+        namespace: String,
+        deployments: Vec<K3sDeployment>,
+    },
+}
+
+/// What the agent found for one [`LiveTarget`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveService {
+    pub service_id: String,
+    /// `Ok(Some(full SHA))` when the running service proves a commit, `Ok(None)` when nothing
+    /// runs or nothing is stamped, `Err(why)` when the agent could not tell.
+    pub observed: Result<Option<String>, String>,
+}
+
+/// The dry-run verdict on one object of a [`Query::DryRunManifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRunObject {
+    /// 0-based YAML document index.
+    pub document: u32,
+    /// `Kind/name`.
+    pub object: String,
+    pub namespace: Option<String>,
+    /// `Err` holds the API server's (or the agent's) reason for refusing the object.
+    pub result: Result<(), String>,
 }

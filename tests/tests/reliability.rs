@@ -14,6 +14,8 @@ const SUITES: &[&str] = &[
     "tests/tests/k3s_import.rs",
     "tests/tests/kube_apply.rs",
     "tests/tests/ci.rs",
+    "tests/tests/faults.rs",
+    "tests/tests/security.rs",
 ];
 
 fn root() -> PathBuf {

@@ -511,14 +511,18 @@ fn garbage_frames_close_only_their_own_connection() {
     let (host, port) = unidesk_agent::conn::url_host_port(&raw.controller.url).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
 
-    let hello = AgentFrame::Hello(Hello {
-        agent_id: raw.id.clone(),
-        agent_version: "test".into(),
-        capabilities: vec![],
-        credential: raw.secret.clone().unwrap(),
-    })
-    .encode()
-    .unwrap();
+    let make_hello = |session_proof: [u8; 32]| {
+        AgentFrame::Hello(Hello {
+            agent_id: raw.id.clone(),
+            agent_version: "test".into(),
+            capabilities: vec![],
+            credential: raw.secret.clone().unwrap(),
+            session_proof,
+        })
+        .encode()
+        .unwrap()
+    };
+    let hello = make_hello([0; 32]);
     let mut wrong_version = hello.clone();
     wrong_version[1] = 99;
     let mut truncated = hello.clone();
@@ -535,7 +539,11 @@ fn garbage_frames_close_only_their_own_connection() {
         (
             "garbage after Hello",
             true,
-            vec![0, 1, 250, 1, 2],
+            [
+                &unidesk_protocol::PROTOCOL_VERSION.to_be_bytes()[..],
+                &[250, 1, 2],
+            ]
+            .concat(),
             "malformed agent frame",
         ),
         ("oversized frame", true, vec![0u8; 5 << 20], ""),
@@ -554,9 +562,12 @@ fn garbage_frames_close_only_their_own_connection() {
                 .await
                 .unwrap();
             if say_hello {
-                ws.send(Message::Binary(hello.clone().into()))
-                    .await
-                    .unwrap();
+                // A Hello bound to this connection (see security.rs for replays).
+                let material =
+                    unidesk_agent::conn::hello_keying_material(ws.get_ref().get_ref().1).unwrap();
+                let secret = raw.secret.clone().unwrap();
+                let hello = make_hello(Hello::session_proof(&secret, &material));
+                ws.send(Message::Binary(hello.into())).await.unwrap();
                 // Welcome
                 let _ = ws.next().await;
             }
@@ -617,4 +628,97 @@ fn a_cancelled_launch_stops_and_says_why() {
     let (code, _, err) = setup.cli(&["job", "cancel", &job_id]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("already finished"), "{err}");
+}
+
+#[test]
+fn agent_add_rotate_and_revoke_take_effect_without_a_controller_restart() {
+    let setup = Setup::new(&["turn"]);
+    let controller = setup.controller();
+    // A copy of the agent's config keeps the secret `init` gave it.
+    let old = setup.edit_agent("turn", "agent-turn-old", |text| text);
+    let old_secret = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("secret = "))
+            .map(|s| s.trim_matches('"').to_string())
+            .unwrap()
+    };
+    let before = old_secret(&std::fs::read_to_string(&old).unwrap());
+
+    let config = crate::support::path(&setup.agent_config("turn"));
+    let out = setup.cli_json(&["agent", "rotate", "turn", "--agent-config", &config]);
+    assert_eq!(out["ok"], true, "{out}");
+    let secret = out["secret"].as_str().unwrap().to_string();
+    assert_eq!(secret.len(), 64, "{out}");
+    assert_ne!(secret, before);
+    assert_eq!(
+        old_secret(&std::fs::read_to_string(setup.agent_config("turn")).unwrap()),
+        secret,
+        "the agent config holds the new secret"
+    );
+    let controller_toml = std::fs::read_to_string(setup.controller_config()).unwrap();
+    assert!(
+        !controller_toml.contains(&secret),
+        "only the hash is kept: {controller_toml}"
+    );
+
+    // The old secret is refused by the running controller, the new one connects.
+    let old_agent = setup.agent_with(&old);
+    wait_for("the old secret's refusal", Duration::from_secs(20), || {
+        old_agent
+            .log_text()
+            .contains("agent turn presented a wrong credential")
+            .then_some(())
+    });
+    drop(old_agent);
+    let agent = setup.agent("turn");
+    setup.wait_agents(&["turn"]);
+    let out = probe(&setup, "turn", 1, Some(20_000));
+    assert_eq!(out["ok"], true, "{out}");
+    drop(agent);
+
+    // Revoked: refused although the secret is right.
+    let out = setup.cli_json(&["agent", "revoke", "turn"]);
+    assert_eq!(out["revoked"], true, "{out}");
+    let revoked = setup.agent("turn");
+    wait_for(
+        "the revoked agent's refusal",
+        Duration::from_secs(20),
+        || {
+            revoked
+                .log_text()
+                .contains("agent turn has a revoked credential")
+                .then_some(())
+        },
+    );
+    drop(revoked);
+
+    // Enrolled while the controller runs: the written config connects at once.
+    let added = setup.dir.join("agent-late.toml");
+    let port = crate::support::free_port().to_string();
+    let out = setup.cli_json(&[
+        "agent",
+        "add",
+        "late",
+        "--agent-config",
+        &crate::support::path(&added),
+        "--proxy-port",
+        &port,
+    ]);
+    assert_eq!(out["agent"], "late", "{out}");
+    let _late = setup.agent_with(&added);
+    setup.wait_agents(&["late"]);
+    let list = setup.cli_json(&["agent", "list"]);
+    assert_eq!(
+        list,
+        serde_json::json!([
+            {"id": "turn", "revoked": true, "connected": false},
+            {"id": "late", "revoked": false, "connected": true},
+        ])
+    );
+    // A second enrolment of the same id is bad input.
+    let (code, _, err) = setup.cli(&["agent", "add", "late"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("agent late is listed already"), "{err}");
+    let log = controller.log_text();
+    assert!(log.contains("agent credentials re-read"), "{log}");
 }
