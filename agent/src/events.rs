@@ -24,6 +24,9 @@ struct Open {
     writer: RunWriter,
     /// The launch has written its final event; once delivered, it is closed.
     finished: bool,
+    /// The first failure to write an event into the run directory (a full disk, say): the
+    /// event was still sent, and the launch's result must say its run directory is incomplete.
+    write_error: Option<String>,
 }
 
 /// The outboxes of all launches with undelivered events.
@@ -73,6 +76,7 @@ impl EventHub {
                 outbox: Outbox::new(launch_id, self.window),
                 writer,
                 finished: false,
+                write_error: None,
             },
         );
     }
@@ -96,6 +100,7 @@ impl EventHub {
                         // The event is numbered but not on disk: it is still sent, and the
                         // failure is reported; the run directory is what failed.
                         tracing::error!(launch = %launch_id, error = %e, "cannot write event");
+                        run.write_error.get_or_insert_with(|| e.to_string());
                     }
                     if finished {
                         run.finished = true;
@@ -142,6 +147,21 @@ impl EventHub {
         }
         drop(open);
         self.room.notify_waiters();
+    }
+
+    /// Events written and not yet acknowledged, across launches (the metrics' event backlog).
+    pub fn backlog(&self) -> u64 {
+        let open = lock(&self.open);
+        open.values()
+            .map(|run| run.outbox.last_written() - run.outbox.acked())
+            .sum()
+    }
+
+    /// Why the run directory of an open launch could not be written (its first failure).
+    pub fn write_error(&self, launch_id: &LaunchId) -> Option<String> {
+        lock(&self.open)
+            .get(launch_id)
+            .and_then(|run| run.write_error.clone())
     }
 
     /// The connection dropped.
@@ -217,6 +237,7 @@ impl EventHub {
             outbox,
             writer: RunWriter::open(run.dir)?,
             finished: run.result.is_some(),
+            write_error: None,
         }))
     }
 

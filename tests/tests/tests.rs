@@ -8,10 +8,14 @@
 mod ci;
 mod deploy;
 mod environments;
+mod faults;
 mod k3s_deploy;
 mod k3s_import;
 mod kube_apply;
+mod metrics;
 mod packaging;
 mod reliability;
+mod runbook;
+mod security;
 mod support;
 mod transport;

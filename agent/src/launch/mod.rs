@@ -14,6 +14,7 @@ mod deploy;
 pub mod dockerignore;
 pub mod k3s;
 pub mod k8s;
+pub mod live;
 pub mod materialize;
 pub mod probe;
 pub mod steplog;
@@ -95,9 +96,10 @@ impl Executor {
                 Some(result) => result.status,
                 None => {
                     let mut writer = RunWriter::open(run.dir.clone())?;
+                    let events = crate::rundir::read_events(&run.dir, 0)?;
                     let result = LaunchResult {
                         status: LaunchStatus::Interrupted,
-                        error: Some("the agent stopped while this launch ran".into()),
+                        error: Some(interrupted_reason(&events)),
                         detail: ResultDetail::None,
                     };
                     last_seq += 1;
@@ -188,7 +190,7 @@ impl Executor {
                 "deadline passed ({} ms after the launch was accepted)", remaining
             ))),
         };
-        let result = match outcome {
+        let mut result = match outcome {
             Ok(status) => LaunchResult {
                 status,
                 error: None,
@@ -200,6 +202,9 @@ impl Executor {
                 detail: outputs.detail.take().unwrap_or(ResultDetail::None),
             },
         };
+        if let Some(e) = self.events.write_error(&launch_id) {
+            incomplete_run_dir(&mut result, &e);
+        }
         let mut record = run_result(&launch, &result, outputs.timings);
         record.ci = outputs.ci.take().map(|mut ci| {
             ci.finished_at = ci::finished_at();
@@ -207,6 +212,7 @@ impl Executor {
         });
         if let Err(e) = self.events.write_result(&launch_id, &record) {
             tracing::error!(error = %e, "cannot write result.json");
+            incomplete_run_dir(&mut result, &e.to_string());
         }
         match self
             .events
@@ -291,6 +297,7 @@ impl Executor {
                 reason: e.0.clone(),
             },
         };
+        crate::metrics::step_finished(step, &outcome, started.elapsed());
         outputs.timings.push(StepTiming {
             step,
             millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -304,6 +311,27 @@ impl Executor {
             lock(&self.table).progressed(id, event.seq);
         }
         result
+    }
+}
+
+/// A launch whose run directory could not be written (a full disk) did not do all it was
+/// asked: runbooks read that directory. It fails, and the reason names the write that failed.
+fn incomplete_run_dir(result: &mut LaunchResult, error: &str) {
+    let note = format!("the run directory could not be written: {error}");
+    result.error = Some(match result.error.take() {
+        Some(earlier) => format!("{earlier}; {note}"),
+        None => note,
+    });
+    if result.status.is_ok() {
+        result.status = LaunchStatus::Failed;
+    }
+}
+
+/// Why a run found without `result.json` at start ended: the step the restart cut short.
+fn interrupted_reason(events: &[crate::rundir::EventLine]) -> String {
+    match crate::rundir::unfinished_step(events) {
+        Some(step) => format!("agent restarted during {}", step.name()),
+        None => "agent restarted between the steps of this launch".to_string(),
     }
 }
 
