@@ -27,8 +27,10 @@ use crate::atomic::write_file;
 /// The directory of a CI run the script writes into (its `--result-dir`).
 pub const CI_RESULT_DIR: &str = "script";
 
-/// The version of the run directory format.
-pub const RUNDIR_FORMAT: u32 = 1;
+/// The version of the run directory format. Format 2: a CI run's `result.json` carries the CI
+/// status in `status` and the launch status in `launchStatus` (format 1 had them in
+/// `ciStatus` and `status`); both read back.
+pub const RUNDIR_FORMAT: u32 = 2;
 
 /// A run directory operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +68,7 @@ pub struct EventLine {
 
 /// `result.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(into = "ResultFile", try_from = "ResultFile")]
 pub struct RunResult {
     pub format: u32,
     pub ok: bool,
@@ -84,15 +86,105 @@ pub struct RunResult {
     pub error: Option<String>,
     pub finished_unix_ms: u64,
     /// What a CI run proved, at the top level of `result.json` (CI launches only).
-    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub ci: Option<CiRecord>,
+}
+
+/// `result.json` as written: `status` is the CI status for CI runs (the seed's field) and the
+/// launch status otherwise; `launchStatus` keeps the launch status of CI runs.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultFile {
+    format: u32,
+    ok: bool,
+    status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    launch_status: Option<LaunchStatus>,
+    run_id: RunId,
+    launch_id: LaunchId,
+    kind: LaunchKind,
+    service: Option<String>,
+    requested_commit: Option<String>,
+    resolved_commit: Option<String>,
+    image: Option<String>,
+    image_id: Option<String>,
+    timings: Vec<StepTiming>,
+    error: Option<String>,
+    finished_unix_ms: u64,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    ci: Option<CiRecord>,
+}
+
+impl From<RunResult> for ResultFile {
+    fn from(r: RunResult) -> Self {
+        let (status, launch_status) = match &r.ci {
+            Some(ci) => (ci.ci_status.clone(), Some(r.status)),
+            None => (r.status.name().to_owned(), None),
+        };
+        ResultFile {
+            format: r.format,
+            ok: r.ok,
+            status,
+            launch_status,
+            run_id: r.run_id,
+            launch_id: r.launch_id,
+            kind: r.kind,
+            service: r.service,
+            requested_commit: r.requested_commit,
+            resolved_commit: r.resolved_commit,
+            image: r.image,
+            image_id: r.image_id,
+            timings: r.timings,
+            error: r.error,
+            finished_unix_ms: r.finished_unix_ms,
+            ci: r.ci,
+        }
+    }
+}
+
+impl TryFrom<ResultFile> for RunResult {
+    type Error = String;
+
+    fn try_from(f: ResultFile) -> Result<Self, String> {
+        // Format 2 CI results name the launch status apart; everything else has it in `status`.
+        let status = match f.launch_status {
+            Some(s) => s,
+            None => serde_json::from_value(serde_json::Value::String(f.status.clone()))
+                .map_err(|_| format!("status {:?} is not a launch status", f.status))?,
+        };
+        let ci = f.ci.map(|mut ci| {
+            // Format 1 wrote `ciStatus`; format 2 writes the CI status in `status`.
+            if ci.ci_status.is_empty() {
+                ci.ci_status = f.status.clone();
+            }
+            ci
+        });
+        Ok(RunResult {
+            format: f.format,
+            ok: f.ok,
+            status,
+            run_id: f.run_id,
+            launch_id: f.launch_id,
+            kind: f.kind,
+            service: f.service,
+            requested_commit: f.requested_commit,
+            resolved_commit: f.resolved_commit,
+            image: f.image,
+            image_id: f.image_id,
+            timings: f.timings,
+            error: f.error,
+            finished_unix_ms: f.finished_unix_ms,
+            ci,
+        })
+    }
 }
 
 /// The CI part of `result.json`: the seed's fields (`ok` and `runId` are the common ones).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CiRecord {
-    /// `succeeded`, `failed`, `timeout` or `isolation-violated`.
+    /// `succeeded`, `failed`, `timeout` or `isolation-violated`; written as the top-level
+    /// `status` (format 1 wrote it as `ciStatus`, which still reads back).
+    #[serde(default, skip_serializing)]
     pub ci_status: String,
     pub manifest_commit: String,
     pub pipeline_run: Option<String>,
@@ -184,6 +276,15 @@ impl Runs {
         Ok(runs)
     }
 
+    /// The absolute directory of an existing run (one that recorded its launch).
+    pub fn locate(&self, run: &RunId) -> Result<PathBuf, RunDirError> {
+        let dir = self.dir(run);
+        if !dir.join("launch.json").exists() {
+            return Err(RunDirError::NotFound(run.clone()));
+        }
+        std::path::absolute(&dir).map_err(io("resolve", &dir))
+    }
+
     /// Reads the tail of one file of a run, at most `max_bytes`.
     pub fn read_tail(
         &self,
@@ -191,10 +292,7 @@ impl Runs {
         file: RunFile,
         max_bytes: u32,
     ) -> Result<(Vec<u8>, bool), RunDirError> {
-        let dir = self.dir(run);
-        if !dir.join("launch.json").exists() {
-            return Err(RunDirError::NotFound(run.clone()));
-        }
+        let dir = self.locate(run)?;
         let name = match file {
             RunFile::Result => "result.json".to_string(),
             RunFile::Events => "events.jsonl".to_string(),
@@ -261,6 +359,21 @@ pub fn read_events(dir: &Path, after_seq: u64) -> Result<Vec<EventLine>, RunDirE
     Ok(events)
 }
 
+/// The step a run was in when its events stop: the last step started and not finished.
+/// `None` when every started step finished (or none started). Pure; an agent restart uses it
+/// to say what the restart interrupted.
+pub fn unfinished_step(events: &[EventLine]) -> Option<Step> {
+    let mut current = None;
+    for event in events {
+        match &event.body {
+            EventBody::StepStarted { step } => current = Some(*step),
+            EventBody::StepFinished { step, .. } if current == Some(*step) => current = None,
+            _ => {}
+        }
+    }
+    current
+}
+
 /// Appends to one run's files.
 #[derive(Debug)]
 pub struct RunWriter {
@@ -307,9 +420,15 @@ impl RunWriter {
             reason: e.to_string(),
         })?;
         bytes.push(b'\n');
-        self.events
-            .write_all(&bytes)
-            .map_err(io("append to", &path))?;
+        // A failed append (a full disk) must not leave a torn line that later lines follow:
+        // cut the file back to where it was.
+        let before = self.events.metadata().map(|m| m.len());
+        if let Err(e) = self.events.write_all(&bytes) {
+            if let Ok(len) = before {
+                let _ = self.events.set_len(len);
+            }
+            return Err(io("append to", &path)(e));
+        }
         if let EventBody::Log {
             step: Some(step),
             line,
@@ -371,7 +490,9 @@ mod tests {
             ci: None,
         };
         let plain = serde_json::to_value(&base).unwrap();
+        assert_eq!(plain["status"], "timed-out");
         assert!(plain.get("ciStatus").is_none());
+        assert!(plain.get("launchStatus").is_none());
         assert_eq!(serde_json::from_value::<RunResult>(plain).unwrap(), base);
         let ci = RunResult {
             ci: Some(CiRecord {
@@ -387,13 +508,37 @@ mod tests {
                 ci_image_reused: None,
                 script_result: Some(serde_json::json!({"ok": false})),
             }),
-            ..base
+            ..base.clone()
         };
         let value = serde_json::to_value(&ci).unwrap();
-        assert_eq!(value["ciStatus"], "timeout");
+        // The seed's vocabulary in `status`; the launch's own beside it.
+        assert_eq!(value["status"], "timeout");
+        assert_eq!(value["launchStatus"], "timed-out");
+        assert!(value.get("ciStatus").is_none());
         assert_eq!(value["manifestCommit"], "a".repeat(40));
         assert_eq!(value["temporaryNamespace"], "unidesk-ci-e2e-r1");
-        assert_eq!(serde_json::from_value::<RunResult>(value).unwrap(), ci);
+        assert_eq!(
+            serde_json::from_value::<RunResult>(value.clone()).unwrap(),
+            ci
+        );
+
+        // A format 1 CI result (`ciStatus` beside the launch `status`) still reads back.
+        let mut v1 = value;
+        let fields = v1.as_object_mut().unwrap();
+        fields.insert("format".into(), 1.into());
+        fields.insert("status".into(), "timed-out".into());
+        fields.insert("ciStatus".into(), "timeout".into());
+        fields.remove("launchStatus");
+        let old = serde_json::from_value::<RunResult>(v1).unwrap();
+        assert_eq!((old.status, old.ci), (LaunchStatus::TimedOut, ci.ci));
+
+        // A status that is neither is named.
+        let mut bad = serde_json::to_value(&base).unwrap();
+        bad["status"] = "exploded".into();
+        let err = serde_json::from_value::<RunResult>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"exploded\" is not a launch status"), "{err}");
     }
 
     #[test]
@@ -438,5 +583,45 @@ mod tests {
             runs.read_tail(&missing, RunFile::Result, 10),
             Err(RunDirError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn the_unfinished_step_is_the_last_started_and_not_finished() {
+        let line = |seq, body| EventLine {
+            seq,
+            time_unix_ms: 0,
+            body,
+        };
+        let materialize = line(
+            1,
+            EventBody::StepStarted {
+                step: Step::Materialize,
+            },
+        );
+        let done = line(
+            2,
+            EventBody::StepFinished {
+                step: Step::Materialize,
+                outcome: unidesk_protocol::StepOutcome::Ok,
+            },
+        );
+        let build = line(3, EventBody::StepStarted { step: Step::Build });
+        let log = line(
+            4,
+            EventBody::Log {
+                step: Some(Step::Build),
+                line: "RUN".into(),
+            },
+        );
+        assert_eq!(unfinished_step(&[]), None);
+        assert_eq!(
+            unfinished_step(std::slice::from_ref(&materialize)),
+            Some(Step::Materialize)
+        );
+        assert_eq!(unfinished_step(&[materialize.clone(), done.clone()]), None);
+        assert_eq!(
+            unfinished_step(&[materialize, done, build, log]),
+            Some(Step::Build)
+        );
     }
 }

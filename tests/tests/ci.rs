@@ -19,6 +19,8 @@ use crate::support::service::{SampleRepo, Served, dockerfile, require_docker};
 use crate::support::{Proc, Setup, bin, free_port, path, wait_for};
 
 const K3S_SOCK: &str = "/run/k3s/containerd/containerd.sock";
+/// A foundation image the CI node imports before the script (any image the testbed's Docker holds).
+const FOUNDATION: &str = "local/busybox:latest";
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {
     match Command::new(cmd).args(args).output() {
@@ -126,8 +128,13 @@ impl Fixture {
                 "test",
             );
             let kubeconfig = d.kubeconfig.display().to_string();
+            // The testbed's busybox stands in for the smoke's foundation (postgres:16-alpine).
             let config = setup.edit_agent("ci", "ci-k3s", |text| {
                 text.replace("/etc/rancher/k3s/k3s.yaml", &kubeconfig)
+                    .replace(
+                        "prewarm_images = []",
+                        &format!("prewarm_images = [\"{FOUNDATION}\"]"),
+                    )
             });
             procs.push(setup.controller());
             procs.push(setup.agent_with(&config));
@@ -328,6 +335,12 @@ impl Fixture {
             .as_str()
             .unwrap_or_else(|| panic!("no runId: {text}"))
             .to_owned();
+        // The node's own absolute path of the run directory, as its agent reports it.
+        assert_eq!(
+            out["resultDir"].as_str().map(PathBuf::from),
+            Some(std::path::absolute(self.run_dir(&run_id)).expect("absolute")),
+            "{text}"
+        );
         let result = self.result(&run_id);
         (code, run_id, result)
     }
@@ -368,8 +381,12 @@ fn ci_run_dev_e2e_end_to_end() {
     let (code, run1, result) = f.run_to_end(&[]);
     let log1 = f.launcher_log(&run1);
     assert_eq!(code, 0, "{result:#}\n{log1}");
+    assert!(
+        log1.contains(&format!("ci_foundation_imported={FOUNDATION}")),
+        "the foundation image is imported before the script runs:\n{log1}"
+    );
     assert_eq!(result["ok"], json!(true), "{result:#}");
-    assert_eq!(result["ciStatus"], json!("succeeded"));
+    assert_eq!(result["status"], json!("succeeded"));
     assert_eq!(result["manifestCommit"], json!(pushed));
     assert_eq!(result["pipelineRun"], json!(format!("pr-{run1}")));
     assert_eq!(result["scriptResult"]["smoke"], json!("passed"));
@@ -445,7 +462,7 @@ fn ci_run_dev_e2e_end_to_end() {
     let (code, logs, text) = cli_in(&f.setup, &f.setup.dir, &["ci", "logs", &run1]);
     assert_eq!(code, 0, "{text}");
     assert_eq!(logs["pipelineRun"], json!(format!("pr-{run1}")), "{logs:#}");
-    assert_eq!(logs["files"]["result"]["ciStatus"], json!("succeeded"));
+    assert_eq!(logs["files"]["result"]["status"], json!("succeeded"));
     assert!(
         logs["files"]["runnerLog"]["tail"]
             .as_str()
@@ -483,7 +500,7 @@ fn ci_run_dev_e2e_end_to_end() {
     });
     let result = f.result(&run2);
     assert_eq!(result["ok"], json!(false), "{result:#}");
-    assert_eq!(result["ciStatus"], json!("failed"));
+    assert_eq!(result["status"], json!("failed"));
     assert_eq!(result["exitStatus"], json!(3));
     assert_eq!(result["scriptResult"], Value::Null);
     assert!(
@@ -503,7 +520,8 @@ fn ci_run_dev_e2e_end_to_end() {
     let started = Instant::now();
     let (code, run3, result) = f.run_to_end(&[]);
     assert_eq!(code, 1);
-    assert_eq!(result["ciStatus"], json!("timeout"), "{result:#}");
+    assert_eq!(result["status"], json!("timeout"), "{result:#}");
+    assert_eq!(result["launchStatus"], json!("timed-out"), "{result:#}");
     assert_eq!(result["ok"], json!(false));
     assert!(started.elapsed() < Duration::from_secs(100));
     wait_for(
@@ -602,11 +620,7 @@ fn ci_run_dev_e2e_end_to_end() {
     assert_eq!(out.status.code(), Some(1), "{printed:#}");
     let run4 = printed["runId"].as_str().expect("runId").to_owned();
     let result = f.result(&run4);
-    assert_eq!(
-        result["ciStatus"],
-        json!("isolation-violated"),
-        "{result:#}"
-    );
+    assert_eq!(result["status"], json!("isolation-violated"), "{result:#}");
     let changes = result["isolationChanges"].to_string();
     assert!(
         changes.contains("Secret unidesk-dev/postgres-dev"),
@@ -667,11 +681,23 @@ fn ci_refuses_bad_declarations_before_any_launch() {
             "timeoutMs too large".into(),
             f.deploy_json(good_script, 5 * 60 * 60 * 1000, Some(&f.code_commit)),
         ),
+        ("ci.repo naming another repository".into(), {
+            let doc = f.deploy_json(good_script, 60_000, Some(&f.code_commit));
+            let mut doc: Value = serde_json::from_str(&doc).expect("json");
+            doc["environments"]["dev"]["ci"]["repo"] = json!("https://example.invalid/other.git");
+            doc.to_string()
+        }),
     ];
     for (what, doc) in cases {
         f.push(&doc, good_script, HAPPY);
         let (code, _, text) = f.run_dev_e2e(&[]);
         assert_eq!(code, 2, "{what}: {text}");
+        if what.starts_with("ci.repo") {
+            assert!(
+                text.contains("is not the desired-state repository"),
+                "{text}"
+            );
+        }
         assert_eq!(f.jobs(), 0, "{what}: a job was recorded");
     }
 }

@@ -264,6 +264,19 @@ pub(super) async fn run(
             launcher
                 .decision(&log, "ci_image_imported", &report.manifest_digest)
                 .await;
+            // The smoke's foundation (the seed's postgres:16-alpine) must be in k3s's containerd
+            // before the PipelineRun starts pods: nothing is pulled at rollout.
+            super::k3s::import_foundation(
+                &containerd,
+                docker,
+                &runtime.prewarm_images,
+                &log,
+                cancel,
+            )
+            .await?;
+            for image in &runtime.prewarm_images {
+                launcher.line(&format!("ci_foundation_imported={image}"));
+            }
             Ok(())
         }
     })

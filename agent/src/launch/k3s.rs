@@ -317,6 +317,36 @@ pub(super) async fn run(
     Ok(LaunchStatus::Succeeded)
 }
 
+/// Imports the node's foundation images (`runtime.prewarm_images`, e.g. the dev Postgres) from
+/// its Docker into k3s's containerd; images already there cost no writes. A missing one fails
+/// the step naming it.
+pub(super) async fn import_foundation(
+    containerd: &Containerd,
+    docker: &Docker,
+    images: &[String],
+    log: &StepLog,
+    cancel: &CancellationToken,
+) -> Result<(), StepFailure> {
+    for image in images {
+        let report = containerd
+            .import_from_docker(docker, image, std::slice::from_ref(image), log, cancel)
+            .await
+            .map_err(|e| {
+                StepFailure(format!(
+                    "foundation image {image}: {}",
+                    StepFailure::chain(&e).0
+                ))
+            })?;
+        log.line(format!(
+            "prewarmed {image}: {} blob(s) written, {} already present",
+            report.blobs_written, report.blobs_skipped
+        ))
+        .await;
+        log.decision("foundation_image_imported", image).await;
+    }
+    Ok(())
+}
+
 /// Runs a prewarm launch: the pause image (pulled through the egress proxy when missing) and
 /// every image of `runtime.prewarm_images`, taken from the node's Docker, into k3s's
 /// containerd.
@@ -345,17 +375,7 @@ pub(super) async fn prewarm(
                 .ensure_pause(&runtime.pause_image, proxy.as_deref(), &log)
                 .await
                 .map_err(|e| StepFailure::chain(&e))?;
-            for image in &runtime.prewarm_images {
-                let report = containerd
-                    .import_from_docker(docker, image, std::slice::from_ref(image), &log, cancel)
-                    .await
-                    .map_err(|e| StepFailure::chain(&e))?;
-                log.line(format!(
-                    "prewarmed {image}: {} blob(s) written, {} already present",
-                    report.blobs_written, report.blobs_skipped
-                ))
-                .await;
-            }
+            import_foundation(&containerd, docker, &runtime.prewarm_images, &log, cancel).await?;
             log.line(format!(
                 "k3s's containerd ({}) holds the pause image and {} foundation image(s)",
                 socket.display(),

@@ -165,6 +165,15 @@ fn plan(
             ci.script_path
         )));
     }
+    // The script is read from the manifest commit of this repository, so the declaration
+    // must name it; a script in another repository would never be the one that runs.
+    if !manifest::same_repository(&ci.repo, &repository) {
+        return Err(input(anyhow!(
+            "{at}: environments.dev.ci.repo {:?} is not the desired-state repository \
+             {repository:?}; the CI script is taken from the manifest commit of that repository",
+            ci.repo
+        )));
+    }
     let services = parsed
         .services_for(Some(Environment::Dev))
         .with_context(|| at.clone())
@@ -285,6 +294,13 @@ async fn run_dev_e2e(
         .join("controller.toml")
         .display()
         .to_string();
+    // The node's own absolute path, asked from its agent; `null` with the reason when the
+    // agent cannot answer now (the run still goes on).
+    let (result_dir, result_dir_error) =
+        match run_directory(config, &planned.agent, &record.run_id).await {
+            Ok(path) => (json!(path), None),
+            Err(why) => (Value::Null, Some(why)),
+        };
     let finished = record.status.is_final();
     let ok = match wait {
         Some(_) => record.result.as_ref().is_some_and(|r| r.status.is_ok()),
@@ -304,8 +320,8 @@ async fn run_dev_e2e(
         "codeQueueCommit": planned.spec.code_queue.commit,
         "ciImage": planned.spec.code_queue.image,
         "temporaryNamespace": format!("unidesk-ci-e2e-{run_id}"),
-        "resultDir": format!("<dirs.runs of agent {}>/{run_id}", planned.agent),
-        "workDir": format!("<dirs.work of agent {}>/{run_id}", planned.agent),
+        "resultDir": result_dir,
+        "resultDirError": result_dir_error,
         "result": record.result,
         "next": [
             format!("unidesk-controller ci logs {run_id} --config {config_path}"),
@@ -346,6 +362,30 @@ async fn wait_accepted(
             return Ok(record);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks `agent` where the directory of `run` is on its node.
+async fn run_directory(
+    config: &ControllerConfig,
+    agent: &AgentId,
+    run: &RunId,
+) -> Result<String, String> {
+    let request = AdminRequest::Query {
+        agent: agent.clone(),
+        query: Query::RunDirectory {
+            run_id: run.clone(),
+        },
+        timeout_ms: QUERY_TIMEOUT_MS,
+    };
+    let data = jobs::admin(config, &request)
+        .await
+        .map_err(|e| e.to_string())?;
+    match serde_json::from_value::<Reply>(data) {
+        Ok(Reply::RunDirectory { path }) => Ok(path),
+        Ok(Reply::Error { reason }) => Err(reason),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(format!("malformed reply: {e}")),
     }
 }
 

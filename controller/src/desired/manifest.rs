@@ -182,6 +182,28 @@ pub struct CiSpec {
     pub timeout_ms: u64,
 }
 
+/// Whether two repository URLs name the same repository: scheme and host compared without
+/// case, credentials, a default port, a trailing `/` and a trailing `.git` ignored.
+pub fn same_repository(a: &str, b: &str) -> bool {
+    fn key(url: &str) -> String {
+        let url = url.trim().trim_end_matches('/');
+        let url = url.strip_suffix(".git").unwrap_or(url);
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.to_owned();
+        };
+        let scheme = scheme.to_ascii_lowercase();
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = host.to_ascii_lowercase();
+        let host = match (scheme.as_str(), host.rsplit_once(':')) {
+            ("https", Some((h, "443"))) | ("http", Some((h, "80"))) => h.to_owned(),
+            _ => host,
+        };
+        format!("{scheme}://{host}/{path}")
+    }
+    key(a) == key(b)
+}
+
 /// One environment of a schema 2 manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -887,6 +909,27 @@ mod tests {
                 .to_string(),
             "deploy.json has no environments.prod (it has: dev)"
         );
+    }
+
+    #[test]
+    fn same_repository_ignores_spelling_not_identity() {
+        let base = "https://github.com/pikasTech/unidesk";
+        for same in [
+            "https://github.com/pikasTech/unidesk.git",
+            "https://GitHub.com/pikasTech/unidesk/",
+            "https://token@github.com:443/pikasTech/unidesk",
+        ] {
+            assert!(same_repository(base, same), "{same}");
+        }
+        for other in [
+            "https://github.com/pikasTech/other",
+            "https://github.com/PikasTech/unidesk",
+            "http://github.com/pikasTech/unidesk",
+            "https://github.com:8443/pikasTech/unidesk",
+            "https://gitlab.com/pikasTech/unidesk",
+        ] {
+            assert!(!same_repository(base, other), "{other}");
+        }
     }
 
     #[test]
