@@ -9,8 +9,9 @@ use std::process::Command;
 use git2::{Oid, Repository, Signature};
 use serde_json::{Value, json};
 
-use crate::support::service::Served;
-use crate::support::{Proc, Setup, bin};
+use crate::support::kube_double::KubeApiDouble;
+use crate::support::service::{BASE_IMAGE, ComposeService, Served, build_image, require_docker};
+use crate::support::{Proc, Setup, bin, path};
 
 /// A full SHA used as every service's `commitId`: planning never resolves it.
 const COMMIT: &str = "0c3cdb4aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -346,10 +347,344 @@ fn dev_plan_with_the_agent_offline_reports_unknown() {
         );
     }
     assert_eq!(out["manifestCommit"], w.dev.0.to_string());
-    // `deploy check` reads the same ref and reports the same lines, changing nothing.
+    for line in out["plan"]["services"].as_array().unwrap() {
+        let reason = line["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("agent d601") && reason.contains("not connected"),
+            "the reason names the agent and why: {line}"
+        );
+    }
+    // `deploy check` reads the same ref and reports the same lines, changing nothing; what it
+    // could not compare makes it exit 3 (unreachable), never 0.
     let (code, check, err) = w.deploy("check", "dev", &[]);
-    assert_eq!(code, 0, "{err}\n{check}");
+    assert_eq!(code, 3, "{err}\n{check}");
     let check: Value = serde_json::from_str(&check).unwrap();
     assert_eq!(check["plan"], out["plan"]);
     assert_eq!(check["manifestCommit"], out["manifestCommit"]);
+    assert_eq!(check["ok"], false, "{check}");
+    assert_eq!(check["drift"], json!([]), "{check}");
+    assert_eq!(
+        check["unknown"].as_array().map(Vec::len),
+        Some(2),
+        "{check}"
+    );
+    assert!(err.contains("could not be compared"), "{err}");
+}
+
+/// A full SHA other than [`COMMIT`]: what runs when the node has drifted.
+const OTHER: &str = "9f1e2d3c4b5a69788796a5b4c3d2e1f00112233f";
+
+/// A line of a plan by service id.
+fn line<'a>(out: &'a Value, id: &str) -> &'a Value {
+    out["plan"]["services"]
+        .as_array()
+        .expect("plan.services")
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no plan line for {id}: {out}"))
+}
+
+/// Points agent `id` of `setup` at the Kubernetes API double instead of the node's k3s.
+fn agent_on_double(setup: &Setup, id: &str, double: &KubeApiDouble) -> Proc {
+    let kubeconfig = double.kubeconfig.display().to_string();
+    let config = setup.edit_agent(id, &format!("{id}-k3s"), |text| {
+        text.replace("/etc/rancher/k3s/k3s.yaml", &kubeconfig)
+    });
+    setup.agent_with(&config)
+}
+
+/// A Deployment the k3s executor would have stamped with `commit`.
+fn stamped_deployment(name: &str, container: &str, commit: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "unidesk-dev",
+                     "annotations": {"unidesk.ai/deploy-commit": commit}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{"name": container, "image": "i:dev"}]}}}
+    })
+}
+
+#[test]
+fn compose_plan_and_check_read_the_live_commit_from_the_agent() {
+    require_docker();
+    let setup = Setup::new(&["node"]);
+    let _controller = setup.controller();
+    let _agent = setup.agent("node");
+    setup.wait_agents(&["node"]);
+    // A running Compose service whose image is labelled with COMMIT, as a deploy leaves it.
+    let project = format!("unidesk-live-{}", std::process::id());
+    let image = format!("{project}-web:latest");
+    build_image(
+        &image,
+        &format!(
+            "FROM {BASE_IMAGE}\nLABEL unidesk.ai/source-commit={COMMIT}\nCMD [\"sleep\", \"3600\"]\n"
+        ),
+    );
+    let _compose = ComposeService::up(&setup.dir, &project, "web", &image);
+    let catalog = setup.dir.join("config.json");
+    let deployment = |service: &str| {
+        json!({"mode": "unidesk-direct", "node": "node", "dockerfile": "Dockerfile",
+               "image": image, "compose": {"project": project, "service": service}})
+    };
+    let config = json!({
+        "microservices": [
+            {"id": "web", "repository": {"url": "https://example.invalid/web.git"},
+             "deployment": deployment("web")},
+            {"id": "idle", "repository": {"url": "https://example.invalid/idle.git"},
+             "deployment": deployment("idle")}
+        ],
+        "nodes": {"node": {"agent": "node", "egress": "tunnel"}}
+    });
+    std::fs::write(&catalog, serde_json::to_vec(&config).unwrap()).unwrap();
+    let run = |verb: &str, web_commit: &str, extra: &[&str]| {
+        let file = setup.dir.join("deploy.json");
+        let doc = json!({"schemaVersion": 1, "services": [
+            {"id": "web", "repo": "https://example.invalid/web.git", "commitId": web_commit},
+            {"id": "idle", "repo": "https://example.invalid/idle.git", "commitId": COMMIT}
+        ]});
+        std::fs::write(&file, serde_json::to_vec(&doc).unwrap()).unwrap();
+        let (file, catalog) = (path(&file), path(&catalog));
+        let mut args = vec!["deploy", verb, "--file", &file, "--catalog", &catalog];
+        args.extend_from_slice(extra);
+        let (code, out, err) = setup.cli(&args);
+        let out: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("deploy {verb} printed no JSON ({e}): {out}\n{err}"));
+        (code, out, err)
+    };
+
+    // The requested commit runs (asked by its short form too): noop.
+    let (code, out, err) = run("plan", &COMMIT[..12], &[]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert_eq!(line(&out, "web")["action"], "noop", "{out}");
+    assert_eq!(line(&out, "web")["liveCommit"], COMMIT, "{out}");
+    // Nothing runs for `idle`: the agent answered, so it is `deploy`, not `unknown`.
+    assert_eq!(line(&out, "idle")["action"], "deploy", "{out}");
+    assert_eq!(line(&out, "idle")["liveCommit"], Value::Null, "{out}");
+
+    // Another commit is wanted: deploy, with the live commit shown.
+    let (code, out, err) = run("plan", OTHER, &[]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert_eq!(line(&out, "web")["action"], "deploy", "{out}");
+    assert_eq!(line(&out, "web")["liveCommit"], COMMIT, "{out}");
+
+    // check: drift is exit 1, naming the service and both commits.
+    let (code, out, err) = run("check", OTHER, &["--service", "web"]);
+    assert_eq!(code, 1, "{err}\n{out}");
+    assert_eq!(out["ok"], false);
+    assert_eq!(out["drift"][0]["id"], "web", "{out}");
+    assert_eq!(out["drift"][0]["liveCommit"], COMMIT, "{out}");
+    assert_eq!(out["drift"][0]["requestedCommit"], OTHER, "{out}");
+    assert!(err.contains("web") && err.contains(OTHER), "{err}");
+
+    // check in sync: exit 0.
+    let (code, out, err) = run("check", COMMIT, &["--service", "web"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["inSync"], json!(["web"]), "{out}");
+    assert_eq!(out["drift"], json!([]), "{out}");
+
+    // The whole set: `idle` runs nothing, which is drift too.
+    let (code, out, err) = run("check", COMMIT, &[]);
+    assert_eq!(code, 1, "{err}\n{out}");
+    assert_eq!(out["drift"][0]["id"], "idle", "{out}");
+}
+
+#[test]
+fn k3s_plan_and_check_read_the_deploy_commit_annotation_through_the_agent() {
+    let w = World::new(&manifest(Some("dev"), &["backend-core", "frontend"]));
+    let double = KubeApiDouble::start();
+    double.put_object(
+        stamped_deployment("backend-core-dev", "backend-core", COMMIT),
+        "unidesk-deploy",
+    );
+    double.put_object(
+        stamped_deployment("frontend-dev", "frontend", OTHER),
+        "unidesk-deploy",
+    );
+    let _controller = w.setup.controller();
+    let _agent = agent_on_double(&w.setup, "d601", &double);
+    w.setup.wait_agents(&["d601"]);
+
+    let (code, out, err) = w.deploy("plan", "dev", &[]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let out: Value = serde_json::from_str(&out).unwrap();
+    let backend = line(&out, "backend-core");
+    assert_eq!(backend["action"], "noop", "{out}");
+    assert_eq!(backend["liveCommit"], COMMIT, "{out}");
+    let frontend = line(&out, "frontend");
+    assert_eq!(frontend["action"], "deploy", "{out}");
+    assert_eq!(frontend["liveCommit"], OTHER, "{out}");
+    assert_eq!(out["manifestCommit"], w.dev.0.to_string());
+
+    let (code, out, err) = w.deploy("check", "dev", &[]);
+    assert_eq!(code, 1, "{err}\n{out}");
+    let out: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["inSync"], json!(["backend-core"]), "{out}");
+    assert_eq!(out["drift"][0]["id"], "frontend", "{out}");
+    assert_eq!(out["drift"][0]["liveCommit"], OTHER, "{out}");
+    let (code, out, err) = w.deploy("check", "dev", &["--service", "backend-core"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+
+    // Asking changed nothing: the agent only read the Deployments.
+    let requests = double.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "GET" && r.path.ends_with("/deployments/frontend-dev")),
+        "{requests:?}"
+    );
+    assert!(
+        requests.iter().all(|r| r.method == "GET"),
+        "only reads: {requests:?}"
+    );
+}
+
+/// The dev manifest fixture that passes the static checks (Namespace, ConfigMap, Deployment,
+/// Service).
+fn valid_dev_manifest() -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../controller/tests-fixtures/devenv/valid.k8s.yaml"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn dev_env_kubectl_dry_run_sends_every_object_as_a_server_side_dry_run() {
+    let setup = Setup::new(&["d601"]);
+    let double = KubeApiDouble::start();
+    let _controller = setup.controller();
+    let _agent = agent_on_double(&setup, "d601", &double);
+    setup.wait_agents(&["d601"]);
+    let validate = |name: &str, text: &str| {
+        let file = setup.dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        let file = path(&file);
+        let (code, out, err) = setup.cli(&[
+            "dev-env",
+            "validate",
+            "--manifest",
+            &file,
+            "--kubectl-dry-run",
+            "--agent",
+            "d601",
+        ]);
+        let out: Value = if out.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("no JSON ({e}): {out}"))
+        };
+        (code, out, err)
+    };
+
+    let (code, out, err) = validate("valid.k8s.yaml", &valid_dev_manifest());
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["dryRun"]["apiServer"], double.url(), "{out}");
+    let objects: Vec<(&str, bool)> = out["dryRun"]["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["object"].as_str().unwrap(), o["ok"] == true))
+        .collect();
+    assert_eq!(
+        objects,
+        [
+            ("Namespace/unidesk-dev", true),
+            ("ConfigMap/unidesk-dev-runtime-config", true),
+            ("Deployment/backend-core-dev", true),
+            ("Service/backend-core-dev", true),
+        ],
+        "{out}"
+    );
+    let patches: Vec<_> = double
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 4, "{patches:?}");
+    assert!(
+        patches
+            .iter()
+            .all(|r| r.dry_run && r.field_manager.as_deref() == Some("unidesk-deploy")),
+        "every apply was a dry run: {patches:?}"
+    );
+    assert!(
+        double
+            .object("apps/v1", "deployments", "unidesk-dev", "backend-core-dev")
+            .is_none(),
+        "nothing was applied for real"
+    );
+
+    // The API server refuses one object: exit 2, that object's reason, the others still ok.
+    let broken = valid_dev_manifest().replace(
+        "      labels:\n        app: backend-core-dev\n    spec:",
+        "      labels:\n        app: something-else\n    spec:",
+    );
+    assert_ne!(broken, valid_dev_manifest(), "the fixture changed shape");
+    let (code, out, err) = validate("broken.k8s.yaml", &broken);
+    assert_eq!(code, 2, "{err}\n{out}");
+    assert_eq!(out["ok"], false, "{out}");
+    let deployment = &out["dryRun"]["objects"][2];
+    assert_eq!(deployment["object"], "Deployment/backend-core-dev", "{out}");
+    assert_eq!(deployment["ok"], false, "{out}");
+    assert!(
+        deployment["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("selector") && e.contains("422")),
+        "{out}"
+    );
+    assert_eq!(out["dryRun"]["objects"][3]["ok"], true, "{out}");
+    assert!(err.contains("Deployment/backend-core-dev"), "{err}");
+
+    // A static violation: nothing is sent to the agent.
+    let before = double.requests().len();
+    let (code, out, err) = validate(
+        "host-port.k8s.yaml",
+        &valid_dev_manifest().replace(
+            "            - containerPort: 8081\n",
+            "            - containerPort: 8081\n              hostPort: 8081\n",
+        ),
+    );
+    assert_eq!(code, 2, "{err}\n{out}");
+    assert_eq!(out["violations"][0]["rule"], "host-port", "{out}");
+    assert!(out.get("dryRun").is_none(), "{out}");
+    assert!(err.contains("the dry run was not sent"), "{err}");
+    assert_eq!(
+        double.requests().len(),
+        before,
+        "no request reached the API"
+    );
+}
+
+#[test]
+fn dev_env_kubectl_dry_run_with_the_agent_offline_is_unreachable() {
+    let setup = Setup::new(&["d601"]);
+    let _controller = setup.controller();
+    let file = setup.dir.join("valid.k8s.yaml");
+    std::fs::write(&file, valid_dev_manifest()).unwrap();
+    let (code, out, err) = setup.cli(&[
+        "dev-env",
+        "validate",
+        "--manifest",
+        &path(&file),
+        "--kubectl-dry-run",
+        "--agent",
+        "d601",
+    ]);
+    assert_eq!(code, 3, "{err}\n{out}");
+    assert!(
+        err.contains("agent d601") && err.contains("not connected"),
+        "{err}"
+    );
+    // The flag without an agent is bad input.
+    let (code, _, err) = setup.cli(&[
+        "dev-env",
+        "validate",
+        "--manifest",
+        &path(&file),
+        "--kubectl-dry-run",
+    ]);
+    assert_eq!(code, 2, "{err}");
 }

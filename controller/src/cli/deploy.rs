@@ -5,7 +5,8 @@
 //! environment mode (`--env dev|prod`), from the environment's fixed ref of the desired-state
 //! repository, fetched into a controller-side mirror; never from a local file then. Planning is
 //! the pure `desired` module; this file only loads files, fetches, talks to the admin socket
-//! and prints JSON.
+//! (launches, and the live-state queries `plan` and `check` send to every node's agent at
+//! once) and prints JSON.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +16,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use unidesk_agent::launch::materialize::{FetchNet, MaterializeError, Mirror, MirrorCache};
+
+use unidesk_protocol::{AgentId, LiveService, LiveTarget, Query, Reply};
 
 use super::{CliError, output};
 use crate::admin::AdminRequest;
@@ -30,6 +33,19 @@ const DEPLOY_MARGIN: Duration = Duration::from_secs(600);
 
 /// How long fetching the desired-state repository may take.
 const FETCH_DEADLINE: Duration = Duration::from_secs(300);
+
+/// How long one agent may take to answer a live-state query (the agent bounds its own answer
+/// well inside this).
+const LIVE_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `deploy plan` or `deploy check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanVerb {
+    /// The live state and the action per service.
+    Plan,
+    /// The same, plus drift per service; exit 1 on drift, 3 when something could not be seen.
+    Check,
+}
 
 /// Options of `deploy apply`.
 #[derive(Debug, Clone, Default)]
@@ -227,7 +243,13 @@ pub fn plan_desired(
     catalog: &Catalog,
     service: Option<&str>,
 ) -> Result<Plan, CliError> {
-    plan_for(&desired.manifest, desired.environment, catalog, service)
+    plan_for(
+        &desired.manifest,
+        desired.environment,
+        catalog,
+        service,
+        &LiveState::default(),
+    )
 }
 
 /// Plans a local `deploy.json` against `catalog` without live state.
@@ -236,7 +258,7 @@ pub fn plan_file(
     catalog: &Catalog,
     service: Option<&str>,
 ) -> Result<Plan, CliError> {
-    plan_for(manifest, None, catalog, service)
+    plan_for(manifest, None, catalog, service, &LiveState::default())
 }
 
 fn plan_for(
@@ -244,12 +266,135 @@ fn plan_for(
     env: Option<Environment>,
     catalog: &Catalog,
     service: Option<&str>,
+    live: &LiveState,
 ) -> Result<Plan, CliError> {
     let services = manifest
         .services_for(env)
         .map_err(|e| CliError::Input(e.into()))?;
-    plan::plan(services, catalog, env, service, &LiveState::default())
-        .map_err(|e| CliError::Input(e.into()))
+    plan::plan(services, catalog, env, service, live).map_err(|e| CliError::Input(e.into()))
+}
+
+/// Plans the desired state against `catalog` and the live state asked from each node's agent:
+/// a first plan says which agent runs what, every agent is asked at once through the admin
+/// socket, and the answers (or why none came) make the live state of the final plan.
+pub async fn plan_live(
+    config: &ControllerConfig,
+    desired: &Desired,
+    catalog: &Catalog,
+    service: Option<&str>,
+) -> Result<Plan, CliError> {
+    let first = plan_desired(desired, catalog, service)?;
+    let queries = plan::live_queries(&first);
+    if queries.is_empty() {
+        return Ok(first);
+    }
+    let answers = futures::future::join_all(
+        queries
+            .iter()
+            .map(|(agent, targets)| ask_live(config, agent, targets)),
+    )
+    .await;
+    let mut live = LiveState::default();
+    for ((agent, targets), answer) in queries.iter().zip(answers) {
+        plan::observe_answer(&mut live, agent, targets, answer);
+    }
+    plan_for(
+        &desired.manifest,
+        desired.environment,
+        catalog,
+        service,
+        &live,
+    )
+}
+
+/// Asks `agent` for the live commits of `targets`; `Err` says why it could not be asked.
+async fn ask_live(
+    config: &ControllerConfig,
+    agent: &AgentId,
+    targets: &[LiveTarget],
+) -> Result<Vec<LiveService>, String> {
+    let request = AdminRequest::Query {
+        agent: agent.clone(),
+        query: Query::LiveState {
+            services: targets.to_vec(),
+        },
+        timeout_ms: u64::try_from(LIVE_QUERY_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+    };
+    let data = super::jobs::admin(config, &request)
+        .await
+        .map_err(admin_reason)?;
+    match serde_json::from_value::<Reply>(data) {
+        Ok(Reply::LiveState { services }) => Ok(services),
+        Ok(other) => Err(format!(
+            "agent {agent} answered the live-state query with {other:?}"
+        )),
+        Err(e) => Err(format!(
+            "agent {agent} sent a malformed live-state answer: {e}"
+        )),
+    }
+}
+
+/// Why an admin request got no answer, as one sentence: the top-level message, which already
+/// names its cause (the admin socket's errors embed their source).
+pub(super) fn admin_reason(e: CliError) -> String {
+    match e {
+        CliError::Input(e) | CliError::Unreachable(e) | CliError::Failed(e) => e.to_string(),
+    }
+}
+
+/// `deploy plan|check` as the CLI runs them: read, plan against the live state, print JSON.
+/// `check` adds `inSync`, `drift` and `unknown`, and fails with exit 1 when any service
+/// drifted, or 3 when none did but some could not be compared.
+pub async fn plan_and_report(
+    config: &ControllerConfig,
+    source: &Source,
+    catalog: Option<&Path>,
+    service: Option<&str>,
+    verb: PlanVerb,
+) -> Result<(), CliError> {
+    let catalog = load_catalog(config, catalog)?;
+    let desired = load_desired(config, source).await?;
+    let plan = plan_live(config, &desired, &catalog, service).await?;
+    if verb == PlanVerb::Plan {
+        print_plan(&desired, &plan);
+        return Ok(());
+    }
+    let check = plan::check(&plan);
+    output::json(&with_origin(
+        &desired,
+        json!({
+            "ok": check.ok(),
+            "plan": plan,
+            "inSync": check.in_sync,
+            "drift": check.drift,
+            "unknown": check.unknown,
+        }),
+    ));
+    if !check.drift.is_empty() {
+        let drifted: Vec<String> = check
+            .drift
+            .iter()
+            .map(|d| format!("{} ({})", d.id, d.reason))
+            .collect();
+        return Err(CliError::Failed(anyhow!(
+            "deploy check: {} service(s) differ from deploy.json: {}",
+            drifted.len(),
+            drifted.join("; ")
+        )));
+    }
+    if !check.unknown.is_empty() {
+        let unknown: Vec<String> = check
+            .unknown
+            .iter()
+            .map(|u| format!("{} ({})", u.id, u.reason))
+            .collect();
+        return Err(CliError::Unreachable(anyhow!(
+            "deploy check: the live state of {} service(s) could not be compared: {}",
+            unknown.len(),
+            unknown.join("; ")
+        )));
+    }
+    Ok(())
 }
 
 /// Plans a local `deploy.json`, guards, then submits one deploy launch per planned service.
@@ -382,9 +527,7 @@ fn service_of(job: &JobRecord) -> Option<String> {
     }
 }
 
-/// `deploy plan|check`: the plan as JSON, with the manifest's origin in environment mode. Live
-/// state is asked by each deploy launch on its node, so lines stay `unknown` here until the
-/// live-state query lands.
+/// `deploy plan`: the plan as JSON, with the manifest's origin in environment mode.
 pub fn print_plan(desired: &Desired, plan: &Plan) {
     output::json(&with_origin(desired, json!({ "ok": true, "plan": plan })));
 }

@@ -11,10 +11,11 @@ use std::fmt;
 
 use serde::Serialize;
 use unidesk_protocol::{
-    AgentId, BuildBase, DeploySpec, ExecutorSpec, K3sDeployment, K3sHealth, K3sServicePort, K3sSpec,
+    AgentId, BuildBase, DeploySpec, ExecutorSpec, K3sDeployment, K3sHealth, K3sServicePort,
+    K3sSpec, LiveLookup, LiveService, LiveTarget,
 };
 
-use super::catalog::{Catalog, Deployment, DeploymentMode};
+use super::catalog::{Catalog, Deployment, DeploymentMode, K8sConfig};
 use super::manifest::{Environment, ServiceEntry};
 
 /// Build deadline used when the catalog gives none: 30 minutes.
@@ -28,6 +29,8 @@ pub enum Observation {
     Live { commit: Option<String> },
     /// The node's agent could not be asked.
     Unreachable { reason: String },
+    /// The agent was asked but could not read this service's live state.
+    Failed { agent: AgentId, reason: String },
 }
 
 /// The live state of the services, by service id. A service absent here was not observed.
@@ -289,6 +292,9 @@ fn plan_service(
                     line.agent.as_ref().map_or("?", AgentId::as_str)
                 ),
             },
+            Some(Observation::Failed { agent, reason }) => Action::Unknown {
+                reason: format!("agent {agent} could not read the live state: {reason}"),
+            },
             Some(Observation::Live { commit: None }) => Action::Deploy,
             Some(Observation::Live {
                 commit: Some(commit),
@@ -307,6 +313,157 @@ fn plan_service(
         }
     };
     line
+}
+
+/// What `deploy check|plan` asks each agent: per agent, the live-state targets of its plan
+/// lines, in plan order. Lines that are unsupported, have no agent, or whose deployment names
+/// no Compose service or k8s block are not asked (they stay unknown or unsupported).
+pub fn live_queries(plan: &Plan) -> BTreeMap<AgentId, Vec<LiveTarget>> {
+    let mut queries: BTreeMap<AgentId, Vec<LiveTarget>> = BTreeMap::new();
+    for line in &plan.services {
+        if matches!(line.action, Action::Unsupported { .. }) {
+            continue;
+        }
+        let (Some(agent), Some(deployment)) = (&line.agent, &line.deployment) else {
+            continue;
+        };
+        let lookup = match (deployment.mode, &deployment.compose, &deployment.k8s) {
+            (DeploymentMode::K3sctlManaged, _, Some(k8s)) => LiveLookup::K3s {
+                namespace: k8s.namespace.clone(),
+                deployments: k3s_deployments(k8s),
+            },
+            (DeploymentMode::K3sctlManaged, _, None) => continue,
+            (_, Some(compose), _) => LiveLookup::Compose {
+                project: compose.project.clone(),
+                service: compose.service.clone(),
+            },
+            (_, None, _) => continue,
+        };
+        queries.entry(agent.clone()).or_default().push(LiveTarget {
+            service_id: line.id.clone(),
+            lookup,
+        });
+    }
+    queries
+}
+
+/// Records in `live` what `agent` answered for the targets it was `asked`: `Ok` with one
+/// entry per service, or `Err` with why the agent could not be asked (not connected, no
+/// controller, no answer in time). A service the answer leaves out is an agent failure.
+pub fn observe_answer(
+    live: &mut LiveState,
+    agent: &AgentId,
+    asked: &[LiveTarget],
+    answer: Result<Vec<LiveService>, String>,
+) {
+    let answered = match answer {
+        Ok(services) => services,
+        Err(reason) => {
+            for target in asked {
+                live.observe(
+                    target.service_id.clone(),
+                    Observation::Unreachable {
+                        reason: reason.clone(),
+                    },
+                );
+            }
+            return;
+        }
+    };
+    for target in asked {
+        let observation = match answered.iter().find(|s| s.service_id == target.service_id) {
+            Some(LiveService {
+                observed: Ok(commit),
+                ..
+            }) => Observation::Live {
+                commit: commit.clone(),
+            },
+            Some(LiveService {
+                observed: Err(reason),
+                ..
+            }) => Observation::Failed {
+                agent: agent.clone(),
+                reason: reason.clone(),
+            },
+            None => Observation::Failed {
+                agent: agent.clone(),
+                reason: "its answer has no entry for this service".to_owned(),
+            },
+        };
+        live.observe(target.service_id.clone(), observation);
+    }
+}
+
+/// One service whose live state differs from the desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Drift {
+    pub id: String,
+    pub node: Option<String>,
+    pub requested_commit: String,
+    /// `None` when nothing runs or nothing proves a commit.
+    pub live_commit: Option<String>,
+    pub reason: String,
+}
+
+/// One service whose live state could not be compared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Unchecked {
+    pub id: String,
+    pub node: Option<String>,
+    pub reason: String,
+}
+
+/// `deploy check`: the plan's lines sorted into in sync, drifted and not comparable.
+/// Unsupported lines are none of these (the plan says why).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Check {
+    pub in_sync: Vec<String>,
+    pub drift: Vec<Drift>,
+    pub unknown: Vec<Unchecked>,
+}
+
+impl Check {
+    /// Everything checked runs the desired commit, and nothing was left unchecked.
+    pub fn ok(&self) -> bool {
+        self.drift.is_empty() && self.unknown.is_empty()
+    }
+}
+
+/// Compares live and desired state per line of `plan`: `noop` is in sync, `deploy` is drift
+/// (another commit runs, or nothing does), `unknown` could not be compared.
+pub fn check(plan: &Plan) -> Check {
+    let mut out = Check::default();
+    for line in &plan.services {
+        match &line.action {
+            Action::Noop => out.in_sync.push(line.id.clone()),
+            Action::Deploy => out.drift.push(Drift {
+                id: line.id.clone(),
+                node: line.node.clone(),
+                requested_commit: line.requested_commit.clone(),
+                live_commit: line.live_commit.clone(),
+                reason: match &line.live_commit {
+                    Some(live) => format!(
+                        "runs commit {live}, deploy.json asks for {}",
+                        line.requested_commit
+                    ),
+                    None => format!(
+                        "no running instance proves a commit, deploy.json asks for {}",
+                        line.requested_commit
+                    ),
+                },
+            }),
+            Action::Unknown { reason } => out.unknown.push(Unchecked {
+                id: line.id.clone(),
+                node: line.node.clone(),
+                reason: reason.clone(),
+            }),
+            Action::Unsupported { .. } => {}
+        }
+    }
+    out
 }
 
 /// The checks an apply must pass before anything changes.
@@ -405,14 +562,7 @@ pub fn deploy_spec(
         (DeploymentMode::K3sctlManaged, _, Some(k8s)) => ExecutorSpec::K3s(K3sSpec {
             manifest: k8s.manifest.clone(),
             namespace: k8s.namespace.clone(),
-            deployments: k8s
-                .deployments
-                .iter()
-                .map(|d| K3sDeployment {
-                    name: d.name.clone(),
-                    container: d.container.clone(),
-                })
-                .collect(),
+            deployments: k3s_deployments(k8s),
             health: k8s.health.as_ref().map(|h| K3sHealth {
                 service: h.service.clone(),
                 port: h.port,
@@ -461,6 +611,18 @@ pub fn deploy_spec(
             .build_timeout_ms
             .unwrap_or(DEFAULT_BUILD_TIMEOUT_MS),
     })
+}
+
+/// The Deployments (and their app containers) config names for a k3s service, as the wire
+/// carries them to the agent — for a deploy and for a live-state query alike.
+fn k3s_deployments(k8s: &K8sConfig) -> Vec<K3sDeployment> {
+    k8s.deployments
+        .iter()
+        .map(|d| K3sDeployment {
+            name: d.name.clone(),
+            container: d.container.clone(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -647,6 +809,205 @@ mod tests {
         .unwrap();
         assert!(
             matches!(action_of(&p, "web"), Action::Unknown { reason } if reason.contains("not observed"))
+        );
+    }
+
+    #[test]
+    fn live_queries_group_lines_by_agent_with_their_lookups() {
+        let c = catalog();
+        let services = [
+            entry("web", SHA_A),
+            entry("sidecar", SHA_A),
+            entry("api", SHA_A),
+            entry("legacy", SHA_A),
+        ];
+        let p = plan(&services, &c, None, None, &LiveState::default()).unwrap();
+        let queries = live_queries(&p);
+        let agents: Vec<&str> = queries.keys().map(AgentId::as_str).collect();
+        assert_eq!(
+            agents,
+            ["d601", "main-server"],
+            "legacy (unsupported) is not asked"
+        );
+        let main = &queries[&AgentId::new("main-server").unwrap()];
+        assert_eq!(
+            main,
+            &vec![
+                LiveTarget {
+                    service_id: "web".into(),
+                    lookup: LiveLookup::Compose {
+                        project: Some("unidesk".into()),
+                        service: "web".into()
+                    }
+                },
+                LiveTarget {
+                    service_id: "sidecar".into(),
+                    lookup: LiveLookup::Compose {
+                        project: None,
+                        service: "sidecar".into()
+                    }
+                },
+            ]
+        );
+        assert_eq!(
+            queries[&AgentId::new("d601").unwrap()],
+            vec![LiveTarget {
+                service_id: "api".into(),
+                lookup: LiveLookup::K3s {
+                    namespace: "unidesk".into(),
+                    deployments: vec![K3sDeployment {
+                        name: "api".into(),
+                        container: "api".into()
+                    }],
+                },
+            }]
+        );
+    }
+
+    #[test]
+    fn answers_become_observations_and_the_plan_acts_on_them() {
+        let c = catalog();
+        let services = [
+            entry("web", SHA_A),
+            entry("sidecar", SHA_A),
+            entry("api", SHA_A),
+        ];
+        let first = plan(&services, &c, None, None, &LiveState::default()).unwrap();
+        let queries = live_queries(&first);
+        let main = AgentId::new("main-server").unwrap();
+        let d601 = AgentId::new("d601").unwrap();
+        let mut live = LiveState::default();
+        observe_answer(
+            &mut live,
+            &main,
+            &queries[&main],
+            Ok(vec![LiveService {
+                service_id: "web".into(),
+                observed: Ok(Some(SHA_B.into())),
+            }]),
+        );
+        observe_answer(
+            &mut live,
+            &d601,
+            &queries[&d601],
+            Err("agent d601 is not connected".into()),
+        );
+        let p = plan(&services, &c, None, None, &live).unwrap();
+        assert_eq!(action_of(&p, "web"), &Action::Deploy);
+        assert_eq!(p.services[0].live_commit.as_deref(), Some(SHA_B));
+        assert_eq!(
+            action_of(&p, "sidecar"),
+            &Action::Unknown {
+                reason: "agent main-server could not read the live state: its answer has no \
+                         entry for this service"
+                    .into()
+            }
+        );
+        assert_eq!(
+            action_of(&p, "api"),
+            &Action::Unknown {
+                reason: "node d601 (agent d601) cannot be asked: agent d601 is not connected"
+                    .into()
+            }
+        );
+        let mut live = LiveState::default();
+        observe_answer(
+            &mut live,
+            &main,
+            &queries[&main],
+            Ok(vec![
+                LiveService {
+                    service_id: "sidecar".into(),
+                    observed: Err("docker container list failed".into()),
+                },
+                LiveService {
+                    service_id: "web".into(),
+                    observed: Ok(None),
+                },
+            ]),
+        );
+        assert_eq!(
+            live.services["sidecar"],
+            Observation::Failed {
+                agent: main.clone(),
+                reason: "docker container list failed".into()
+            }
+        );
+        assert_eq!(live.services["web"], Observation::Live { commit: None });
+    }
+
+    #[test]
+    fn check_sorts_lines_into_in_sync_drift_and_unknown() {
+        let c = catalog();
+        let services = [
+            entry("web", SHA_A),
+            entry("sidecar", SHA_A),
+            entry("api", SHA_A),
+            entry("legacy", SHA_A),
+        ];
+        let p = plan(
+            &services,
+            &c,
+            None,
+            None,
+            &live(&[
+                ("web", at(SHA_A)),
+                ("sidecar", at(SHA_B)),
+                (
+                    "api",
+                    Observation::Unreachable {
+                        reason: "no controller".into(),
+                    },
+                ),
+            ]),
+        )
+        .unwrap();
+        let report = check(&p);
+        assert_eq!(report.in_sync, ["web"]);
+        assert_eq!(
+            report.drift,
+            [Drift {
+                id: "sidecar".into(),
+                node: Some("main-server".into()),
+                requested_commit: SHA_A.into(),
+                live_commit: Some(SHA_B.into()),
+                reason: format!("runs commit {SHA_B}, deploy.json asks for {SHA_A}"),
+            }]
+        );
+        assert_eq!(report.unknown.len(), 1);
+        assert_eq!(report.unknown[0].id, "api");
+        assert!(!report.ok());
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["drift"][0]["liveCommit"], SHA_B);
+        assert_eq!(json["inSync"][0], "web");
+
+        let p = plan(
+            &[entry("web", &SHA_A[..7])],
+            &c,
+            None,
+            None,
+            &live(&[("web", at(SHA_A))]),
+        )
+        .unwrap();
+        assert!(
+            check(&p).ok(),
+            "a short commitId matching the live commit is in sync"
+        );
+        let p = plan(
+            &[entry("web", SHA_A)],
+            &c,
+            None,
+            None,
+            &live(&[("web", Observation::Live { commit: None })]),
+        )
+        .unwrap();
+        let report = check(&p);
+        assert_eq!(report.drift[0].live_commit, None);
+        assert!(
+            report.drift[0]
+                .reason
+                .starts_with("no running instance proves a commit"),
+            "{report:?}"
         );
     }
 

@@ -11,7 +11,7 @@
 //!   changes, refusing (422) a Deployment without selector/containers/images like the real
 //!   schema validation would;
 //! - `GET` and `LIST` (with `labelSelector` equality terms) of stored objects; Namespace
-//!   create and delete (which drops the namespace's objects);
+//!   create, server-side apply and delete (which drops the namespace's objects);
 //! - the service proxy `GET /api/v1/namespaces/{ns}/services/{svc}:{port}/proxy/{path}`,
 //!   forwarded to a backend URL the test registers (a real local HTTP server).
 //!
@@ -446,6 +446,18 @@ async fn route(
         ("GET", ["namespaces", name]) if gv == "v1" => {
             get(state, "v1", "namespaces", "", name).into()
         }
+        // Server-side apply of a Namespace (cluster-scoped), e.g. a dev manifest's dry run.
+        ("PATCH", ["namespaces", name]) if gv == "v1" => apply(
+            state,
+            "v1",
+            "namespaces",
+            "",
+            name,
+            params,
+            content_type,
+            body,
+        )
+        .into(),
         ("GET", ["namespaces", ns, "services", target, "proxy", tail @ ..]) if gv == "v1" => {
             proxy(state, ns, target, &tail.join("/")).await
         }

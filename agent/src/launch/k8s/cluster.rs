@@ -173,6 +173,43 @@ pub fn api_resource(api_version: &str, kind: &str) -> Option<ApiResource> {
     Some(ar)
 }
 
+/// The fixed API resource of a kind a dry run may send, and whether it is namespaced: the
+/// executor's [`api_resource`] kinds, `Namespace`, and the workload, policy and RBAC kinds a
+/// dev foundation manifest holds. No discovery: an unlisted kind is refused by name.
+pub fn dry_run_resource(api_version: &str, kind: &str) -> Option<(ApiResource, bool)> {
+    use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+    use k8s_openapi::api::batch::v1::{CronJob, Job};
+    use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota};
+    use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    if let Some(ar) = api_resource(api_version, kind) {
+        return Some((ar, true));
+    }
+    let namespaced = |ar| Some((ar, true));
+    match (api_version, kind) {
+        ("v1", "Namespace") => Some((ApiResource::erase::<Namespace>(&()), false)),
+        ("v1", "LimitRange") => namespaced(ApiResource::erase::<LimitRange>(&())),
+        ("v1", "ResourceQuota") => namespaced(ApiResource::erase::<ResourceQuota>(&())),
+        ("apps/v1", "StatefulSet") => namespaced(ApiResource::erase::<StatefulSet>(&())),
+        ("apps/v1", "DaemonSet") => namespaced(ApiResource::erase::<DaemonSet>(&())),
+        ("batch/v1", "Job") => namespaced(ApiResource::erase::<Job>(&())),
+        ("batch/v1", "CronJob") => namespaced(ApiResource::erase::<CronJob>(&())),
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            namespaced(ApiResource::erase::<NetworkPolicy>(&()))
+        }
+        ("networking.k8s.io/v1", "Ingress") => namespaced(ApiResource::erase::<Ingress>(&())),
+        ("rbac.authorization.k8s.io/v1", "Role") => namespaced(ApiResource::erase::<Role>(&())),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+            namespaced(ApiResource::erase::<RoleBinding>(&()))
+        }
+        ("policy/v1", "PodDisruptionBudget") => {
+            namespaced(ApiResource::erase::<PodDisruptionBudget>(&()))
+        }
+        _ => None,
+    }
+}
+
 fn describe(err: &kube::Error) -> (Option<u16>, String) {
     match err {
         kube::Error::Api(status) if status.code == 0 => (None, format!("{status:?}")),
@@ -313,6 +350,15 @@ impl Cluster {
         Ok(info.git_version)
     }
 
+    /// `object` as kube's dynamic object.
+    fn dynamic_object(&self, object: &Object) -> Result<DynamicObject, KubeError> {
+        serde_json::from_value(object.value.clone()).map_err(|e| KubeError::BadAnswer {
+            what: object.reference(),
+            server: self.server.clone(),
+            reason: format!("is not a Kubernetes object: {e}"),
+        })
+    }
+
     fn dynamic_api(
         &self,
         object: &Object,
@@ -329,12 +375,7 @@ impl Cluster {
             server: self.server.clone(),
             reason: "has no namespace (narrow the manifest first)".into(),
         })?;
-        let dynamic: DynamicObject =
-            serde_json::from_value(object.value.clone()).map_err(|e| KubeError::BadAnswer {
-                what: object.reference(),
-                server: self.server.clone(),
-                reason: format!("is not a Kubernetes object: {e}"),
-            })?;
+        let dynamic = self.dynamic_object(object)?;
         Ok((
             Api::namespaced_with(self.client.clone(), namespace, &ar),
             dynamic,
@@ -392,6 +433,53 @@ impl Cluster {
             });
         }
         Ok(applied)
+    }
+
+    /// Server-side applies one object with `dryRun=All` only — never for real — as
+    /// `field_manager` (`dev-env validate --kubectl-dry-run`). Besides the kinds the executor
+    /// applies, the dev foundation's kinds have a fixed resource here ([`dry_run_resource`]);
+    /// any other kind is refused without a request, naming it.
+    pub async fn dry_run_apply(
+        &self,
+        object: &Object,
+        field_manager: &str,
+    ) -> Result<(), KubeError> {
+        let (ar, namespaced) =
+            dry_run_resource(object.api_version(), object.kind()).ok_or_else(|| {
+                KubeError::UnknownKind {
+                    object: object.reference(),
+                    api_version: object.api_version().into(),
+                    kind: object.kind().into(),
+                }
+            })?;
+        let api: Api<DynamicObject> = match (namespaced, object.namespace()) {
+            (false, _) => Api::all_with(self.client.clone(), &ar),
+            (true, Some(namespace)) => Api::namespaced_with(self.client.clone(), namespace, &ar),
+            (true, None) => {
+                return Err(KubeError::BadAnswer {
+                    what: object.reference(),
+                    server: self.server.clone(),
+                    reason: "has no metadata.namespace".into(),
+                });
+            }
+        };
+        let dynamic = self.dynamic_object(object)?;
+        let params = PatchParams::apply(field_manager).force().dry_run();
+        let action = match object.namespace() {
+            Some(ns) if namespaced => {
+                format!(
+                    "dry-run server-side apply of {} in {ns}",
+                    object.reference()
+                )
+            }
+            _ => format!("dry-run server-side apply of {}", object.reference()),
+        };
+        self.bounded(
+            &action,
+            api.patch(object.name(), &params, &Patch::Apply(&dynamic)),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn observe_rollout(
@@ -752,6 +840,30 @@ mod tests {
         );
         assert!(api_resource("rbac.authorization.k8s.io/v1", "ClusterRole").is_none());
         assert!(api_resource("extensions/v1beta1", "Deployment").is_none());
+    }
+
+    #[test]
+    fn k8s_dry_run_resources_are_fixed_and_scoped() {
+        let (ns, namespaced) = dry_run_resource("v1", "Namespace").expect("Namespace");
+        assert_eq!((ns.plural.as_str(), namespaced), ("namespaces", false));
+        for (api_version, kind, plural) in [
+            ("apps/v1", "Deployment", "deployments"),
+            ("apps/v1", "StatefulSet", "statefulsets"),
+            ("v1", "LimitRange", "limitranges"),
+            ("networking.k8s.io/v1", "Ingress", "ingresses"),
+            ("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
+            (
+                "rbac.authorization.k8s.io/v1",
+                "RoleBinding",
+                "rolebindings",
+            ),
+        ] {
+            let (ar, namespaced) = dry_run_resource(api_version, kind).expect(kind);
+            assert_eq!((ar.plural.as_str(), namespaced), (plural, true), "{kind}");
+            assert_eq!(ar.api_version, api_version);
+        }
+        assert!(dry_run_resource("rbac.authorization.k8s.io/v1", "ClusterRole").is_none());
+        assert!(dry_run_resource("example.com/v1", "Widget").is_none());
     }
 
     #[tokio::test]
