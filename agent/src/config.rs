@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// Unacknowledged events held per launch before the launch waits for the controller.
     #[serde(default = "default_event_window")]
     pub event_window: usize,
+    /// `[metrics]`: the Prometheus endpoint; absent means nothing listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
     #[serde(skip)]
     pub base_dir: PathBuf,
 }
@@ -107,6 +110,26 @@ impl Default for ProxyConfig {
             listen: default_proxy_listen(),
             egress: EgressMode::default(),
             git_ca: None,
+        }
+    }
+}
+
+/// `[metrics]`: where the Prometheus text endpoint (`GET /metrics`) listens. Off unless the
+/// section is present; loopback only, like every listener of the agent. The controller's
+/// configuration uses the same section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+impl MetricsConfig {
+    /// Why `listen` cannot be used, if it cannot: the endpoint is for a scraper on this host.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.listen.ip().is_loopback() {
+            Ok(())
+        } else {
+            Err("the metrics endpoint listens on loopback only (127.0.0.0/8 or ::1)")
         }
     }
 }
@@ -225,6 +248,11 @@ impl AgentConfig {
                 self.tunnel.max_connection_window.to_string(),
                 &e.to_string(),
             ));
+        }
+        if let Some(metrics) = &self.metrics
+            && let Err(why) = metrics.check()
+        {
+            return Err(invalid("metrics.listen", metrics.listen.to_string(), why));
         }
         if self.event_window == 0 {
             return Err(invalid("event_window", "0".into(), "must be at least 1"));

@@ -24,6 +24,9 @@ pub async fn run(
     let runs = Runs::open(&runs_dir)
         .with_context(|| format!("opening run directory {}", runs_dir.display()))?;
     let events = Arc::new(EventHub::new(runs, config.event_window));
+    if let Some(metrics) = &config.metrics {
+        crate::metrics::start(metrics, events.clone(), &cancel).await?;
+    }
     let executor = Executor::start(config.clone(), events, cancel.clone())
         .context("reading back earlier runs")?;
     let tunnel = CurrentTunnel::default();

@@ -354,6 +354,7 @@ impl Hub {
             self.store.save(&job.record)?;
             let record = job.record.clone();
             if record.status.is_final() {
+                crate::metrics::job_finished(&record);
                 jobs.remove(&record.job_id);
             }
             record
@@ -392,6 +393,7 @@ impl Hub {
                 if let Err(e) = self.store.save(&job.record) {
                     tracing::error!(job = %id, error = %e, "cannot save job");
                 }
+                crate::metrics::job_finished(&job.record);
                 tracing::warn!(job = %id, "job timed out waiting for its agent");
                 let _ = self.changes.send(id);
             }
@@ -461,6 +463,7 @@ impl Hub {
             if let Err(e) = self.store.save(&job.record) {
                 tracing::error!(launch = %launch_id, error = %e, "cannot save job");
             }
+            crate::metrics::job_finished(&job.record);
             tracing::info!(job = %launch_id, status = ?job.record.status, "job finished");
             jobs.remove(&launch_id);
         }
@@ -505,6 +508,7 @@ impl Hub {
             job.record.status = JobStatus::Rejected;
             job.record.reason = Some(reason.to_string());
             job.record.updated_unix_ms = now_ms();
+            crate::metrics::job_finished(&job.record);
             if let Err(e) = self.store.save(&job.record) {
                 tracing::error!(launch = %launch_id, error = %e, "cannot save job");
             }

@@ -22,6 +22,7 @@ pub struct Bound {
     listener: TcpListener,
     admin: tokio::net::UnixListener,
     tls: Arc<rustls::ServerConfig>,
+    metrics: Option<TcpListener>,
 }
 
 /// Opens the store and binds the gateway and the admin socket.
@@ -39,10 +40,11 @@ pub async fn bind(config: &ControllerConfig) -> anyhow::Result<Bound> {
         .with_context(|| format!("binding the gateway on {}", config.gateway.listen))?;
     let gateway_addr = listener.local_addr()?;
     let admin = crate::admin::bind(&config.path(&config.admin.socket))?;
+    let metrics = crate::metrics::bind(config.metrics.as_ref()).await?;
     let egress = EgressPolicy::parse(&config.egress.allow)?;
     let gateway = Arc::new(Gateway {
         hub: hub.clone(),
-        credentials: config.agents.clone(),
+        credentials: crate::auth::Credentials::following(config),
         egress,
         egress_timeout: Duration::from_millis(config.egress.connect_timeout_ms),
         link: config.tunnel.link(),
@@ -54,6 +56,7 @@ pub async fn bind(config: &ControllerConfig) -> anyhow::Result<Bound> {
         listener,
         admin,
         tls,
+        metrics,
     })
 }
 
@@ -77,6 +80,7 @@ impl Bound {
         tokio::join!(
             crate::gateway::serve(self.gateway, self.listener, self.tls, cancel.clone()),
             crate::admin::serve(self.hub.clone(), self.admin, cancel.clone()),
+            crate::metrics::serve(self.metrics, self.hub.clone(), cancel.clone()),
             sweeper,
         );
     }

@@ -139,6 +139,7 @@ impl BlobWriter {
             labels: HashMap::new(),
         };
         self.send(req).await?;
+        crate::metrics::imported(len.unsigned_abs());
         self.offset += len;
         Ok(())
     }
