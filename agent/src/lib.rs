@@ -8,6 +8,8 @@ pub mod egress;
 pub mod events;
 pub mod launch;
 pub mod logging;
+pub mod manual;
+pub mod metrics;
 pub mod notify;
 pub mod rundir;
 pub mod service;

@@ -46,11 +46,17 @@ pub struct ControllerConfig {
     pub tunnel: TunnelConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired: Option<DesiredConfig>,
+    /// `[metrics]`: the Prometheus endpoint; absent means nothing listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
     #[serde(default, rename = "agents")]
     pub agents: Vec<AgentCredential>,
     /// The directory the file was loaded from; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file itself (empty when built in code); the gateway re-reads its `[[agents]]`.
+    #[serde(skip)]
+    pub file: PathBuf,
 }
 
 /// `[gateway]`: the WSS endpoint agents dial.
@@ -83,7 +89,7 @@ pub struct StoreConfig {
 }
 
 /// `[egress]`: which targets the tunnel may reach.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EgressConfig {
     /// `host:port` patterns (`github.com:443`, `*.debian.org:80`, `127.0.0.1:*`) and
@@ -98,8 +104,22 @@ fn default_connect_timeout_ms() -> u64 {
     10_000
 }
 
+// Written out, not derived: a file without `[egress]` must get the same 10 s connect deadline
+// as one with an empty `[egress]` (a derived Default gave 0 ms, failing every egress dial).
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+
 /// `[tunnel]`: multiplexer sizing, shared with the agent's configuration.
 pub use unidesk_link::TunnelConfig;
+
+/// `[metrics]`: where `GET /metrics` listens (loopback only), the same section as the agent's.
+pub use unidesk_agent::config::MetricsConfig;
 
 /// `[desired]`: where the service catalog (`config.json`) is, and which repository holds the
 /// desired-state branches that `--env` reads.
@@ -140,11 +160,13 @@ impl ControllerConfig {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        config.file = path.to_path_buf();
         config.validate(path)?;
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    /// Checks every key's value; the error names the key and value (`load` runs it).
+    pub(crate) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &str, value: String, why: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
             key: key.into(),
@@ -191,6 +213,11 @@ impl ControllerConfig {
                 &e.to_string(),
             )
         })?;
+        if let Some(metrics) = &self.metrics
+            && let Err(why) = metrics.check()
+        {
+            return Err(invalid("metrics.listen", metrics.listen.to_string(), why));
+        }
         Ok(())
     }
 
@@ -201,5 +228,281 @@ impl ControllerConfig {
         } else {
             self.base_dir.join(p)
         }
+    }
+}
+
+/// A change to the `[[agents]]` entries of a controller configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEdit {
+    /// A new entry; refused when the id is listed already.
+    Add { id: AgentId, secret_sha256: String },
+    /// A new hash for a listed id; it also lifts a revocation.
+    Rotate { id: AgentId, secret_sha256: String },
+    /// Marks a listed id revoked; the hash stays, so the entry still names the agent.
+    Revoke { id: AgentId },
+}
+
+impl AgentEdit {
+    /// The agent the edit is about.
+    pub fn id(&self) -> &AgentId {
+        match self {
+            AgentEdit::Add { id, .. } | AgentEdit::Rotate { id, .. } | AgentEdit::Revoke { id } => {
+                id
+            }
+        }
+    }
+}
+
+/// An `[[agents]]` edit that cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentEditError {
+    #[error("{path}: agent {id} is listed already; `agent rotate {id}` gives it a new secret")]
+    Exists { path: PathBuf, id: AgentId },
+    #[error("{path}: agent {id} is not listed; `agent add {id}` enrols it")]
+    Unknown { path: PathBuf, id: AgentId },
+    #[error("{path}: {why}")]
+    Shape { path: PathBuf, why: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Applies `edit` to `text`, the contents of the controller configuration at `path`, keeping
+/// comments, key order and every other table as written. The result is validated as
+/// [`ControllerConfig::load`] would, so an edit never produces a file the controller refuses.
+pub fn edit_agents(path: &Path, text: &str, edit: &AgentEdit) -> Result<String, AgentEditError> {
+    let shape = |why: String| AgentEditError::Shape {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        reason: format!("{e}"),
+    })?;
+    let id = edit.id().as_str();
+    let item = doc
+        .entry("agents")
+        .or_insert_with(|| toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()));
+    let Some(entries) = item.as_array_of_tables_mut() else {
+        return Err(shape(
+            "`agents` is not written as `[[agents]]` tables; rewrite it that way to edit it here"
+                .into(),
+        ));
+    };
+    let position = entries
+        .iter()
+        .position(|t| t.get("id").and_then(toml_edit::Item::as_str) == Some(id));
+    match (edit, position) {
+        (AgentEdit::Add { secret_sha256, .. }, None) => {
+            let mut table = toml_edit::Table::new();
+            table["id"] = toml_edit::value(id);
+            table["secret_sha256"] = toml_edit::value(secret_sha256.as_str());
+            table["revoked"] = toml_edit::value(false);
+            entries.push(table);
+        }
+        (AgentEdit::Add { .. }, Some(_)) => {
+            return Err(AgentEditError::Exists {
+                path: path.to_path_buf(),
+                id: edit.id().clone(),
+            });
+        }
+        (AgentEdit::Rotate { .. } | AgentEdit::Revoke { .. }, None) => {
+            return Err(AgentEditError::Unknown {
+                path: path.to_path_buf(),
+                id: edit.id().clone(),
+            });
+        }
+        (AgentEdit::Rotate { secret_sha256, .. }, Some(i)) => {
+            let table = entries
+                .get_mut(i)
+                .ok_or_else(|| shape(format!("agents[{i}] vanished during the edit")))?;
+            table["secret_sha256"] = toml_edit::value(secret_sha256.as_str());
+            if table.contains_key("revoked") {
+                table["revoked"] = toml_edit::value(false);
+            }
+        }
+        (AgentEdit::Revoke { .. }, Some(i)) => {
+            let table = entries
+                .get_mut(i)
+                .ok_or_else(|| shape(format!("agents[{i}] vanished during the edit")))?;
+            table["revoked"] = toml_edit::value(true);
+        }
+    }
+    let edited = doc.to_string();
+    let config: ControllerConfig = toml::from_str(&edited).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    config.validate(path)?;
+    Ok(edited)
+}
+
+/// Reads the controller configuration at `path`, applies `edit` and replaces the file
+/// atomically with the same file mode. Returns the configuration as now written.
+pub fn rewrite_agents(path: &Path, edit: &AgentEdit) -> Result<ControllerConfig, AgentEditError> {
+    use std::os::unix::fs::PermissionsExt;
+    let read = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o7777;
+    let edited = edit_agents(path, &text, edit)?;
+    unidesk_agent::atomic::write_file(path, edited.as_bytes(), mode).map_err(|source| {
+        AgentEditError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(ControllerConfig::load(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text() -> String {
+        format!(
+            "# Written by hand; this comment must survive.\n\
+             [gateway]\nlisten = \"127.0.0.1:7443\" # the WSS port\ncert = \"server.crt\"\n\
+             key = \"server.key\"\n\n[admin]\nsocket = \"admin.sock\"\n\n[store]\ndir = \"state\"\n\n\
+             # d601 is the CI node.\n[[agents]]\nid = \"d601\"\nsecret_sha256 = \"{}\"\n",
+            hash('a')
+        )
+    }
+
+    fn hash(c: char) -> String {
+        c.to_string().repeat(64)
+    }
+
+    fn id(s: &str) -> AgentId {
+        AgentId::new(s).unwrap()
+    }
+
+    fn parse(text: &str) -> ControllerConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn add_rotate_revoke_keep_comments_and_other_keys() {
+        let path = Path::new("/etc/unidesk/controller.toml");
+        let added = edit_agents(
+            path,
+            &text(),
+            &AgentEdit::Add {
+                id: id("d518"),
+                secret_sha256: hash('b'),
+            },
+        )
+        .unwrap();
+        assert!(added.contains("# Written by hand; this comment must survive."));
+        assert!(added.contains("# the WSS port"));
+        assert!(added.contains("# d601 is the CI node."));
+        let config = parse(&added);
+        assert_eq!(config.agents.len(), 2);
+        assert_eq!(config.agents[1].id, id("d518"));
+        assert!(!config.agents[1].revoked);
+
+        let revoked = edit_agents(path, &added, &AgentEdit::Revoke { id: id("d601") }).unwrap();
+        let config = parse(&revoked);
+        assert!(config.agents[0].revoked);
+        assert_eq!(config.agents[0].secret_sha256, hash('a'));
+
+        let rotated = edit_agents(
+            path,
+            &revoked,
+            &AgentEdit::Rotate {
+                id: id("d601"),
+                secret_sha256: hash('b'),
+            },
+        )
+        .unwrap();
+        let config = parse(&rotated);
+        assert!(!config.agents[0].revoked, "a rotation lifts the revocation");
+        assert_eq!(config.agents[0].secret_sha256, hash('b'));
+        assert_eq!(config.gateway.listen.port(), 7443);
+        assert!(rotated.contains("# d601 is the CI node."));
+    }
+
+    #[test]
+    fn the_first_agent_goes_into_a_file_without_any() {
+        let path = Path::new("c.toml");
+        let bare = text().split("# d601").next().unwrap().to_string();
+        let added = edit_agents(
+            path,
+            &bare,
+            &AgentEdit::Add {
+                id: id("solo"),
+                secret_sha256: hash('a'),
+            },
+        )
+        .unwrap();
+        assert_eq!(parse(&added).agents[0].id, id("solo"));
+    }
+
+    #[test]
+    fn edits_name_the_agent_and_the_file_when_refused() {
+        let path = Path::new("/etc/unidesk/controller.toml");
+        let err = edit_agents(
+            path,
+            &text(),
+            &AgentEdit::Add {
+                id: id("d601"),
+                secret_sha256: hash('b'),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/etc/unidesk/controller.toml: agent d601 is listed already; \
+             `agent rotate d601` gives it a new secret"
+        );
+        for edit in [
+            AgentEdit::Revoke { id: id("ghost") },
+            AgentEdit::Rotate {
+                id: id("ghost"),
+                secret_sha256: hash('b'),
+            },
+        ] {
+            let err = edit_agents(path, &text(), &edit).unwrap_err();
+            assert!(
+                err.to_string().contains("agent ghost is not listed"),
+                "{err}"
+            );
+        }
+        // A hash that is not one is refused by the same validation `load` does.
+        let err = edit_agents(
+            path,
+            &text(),
+            &AgentEdit::Rotate {
+                id: id("d601"),
+                secret_sha256: "short".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("agents.secret_sha256"), "{err}");
+        let inline = text().replace("[[agents]]\nid = \"d601\"", "agents = [{ id = \"d601\" }]");
+        let inline = inline.split("secret_sha256").next().unwrap().to_string();
+        let err = edit_agents(path, &inline, &AgentEdit::Revoke { id: id("d601") });
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn rewrite_keeps_the_file_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("controller.toml");
+        std::fs::write(&path, text()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let config = rewrite_agents(&path, &AgentEdit::Revoke { id: id("d601") }).unwrap();
+        assert!(config.agents[0].revoked);
+        assert_eq!(config.file, path);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640);
     }
 }

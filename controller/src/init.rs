@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use unidesk_agent::config::{
     AgentConfig, ControllerLink, Dirs, EgressMode, LinkTiming, ProxyConfig, Runtime,
 };
-use unidesk_protocol::AgentId;
+use unidesk_protocol::{AgentId, Secret};
 
 use crate::auth::{hash_secret, new_secret};
 use crate::config::{
@@ -60,6 +60,59 @@ pub struct InitReport {
     pub ca: PathBuf,
 }
 
+/// The agent configuration `init` writes for `id`: the controller at `listen` (loopback when
+/// it listens on every address), `ca.crt` and the directories beside the file, the egress
+/// proxy on `proxy_port`. `agent add --agent-config` writes the same.
+pub fn agent_config(
+    id: &AgentId,
+    secret: Secret,
+    listen: SocketAddr,
+    proxy_port: u16,
+) -> AgentConfig {
+    let ip = listen.ip();
+    let connect_host = if ip.is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        ip.to_string()
+    };
+    AgentConfig {
+        id: id.clone(),
+        secret: Some(secret),
+        controller: ControllerLink {
+            url: format!("wss://{connect_host}:{}/agent", listen.port()),
+            ca: PathBuf::from("ca.crt"),
+        },
+        proxy: ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
+            egress: EgressMode::Tunnel,
+            git_ca: None,
+        },
+        dirs: Dirs {
+            runs: PathBuf::from(format!("agent-{id}/runs")),
+            work: PathBuf::from(format!("agent-{id}/work")),
+            cache: PathBuf::from(format!("agent-{id}/cache")),
+        },
+        link: LinkTiming::default(),
+        runtime: Runtime::default(),
+        tunnel: Default::default(),
+        event_window: 8192,
+        metrics: None,
+        base_dir: PathBuf::new(),
+    }
+}
+
+/// Writes an agent configuration as TOML, readable only by its owner (it holds the secret).
+pub fn write_agent_config(path: &Path, agent: &AgentConfig) -> Result<(), InitError> {
+    let text = toml::to_string(agent).map_err(|e| InitError::Serialize {
+        what: format!("agent {} config", agent.id),
+        reason: e.to_string(),
+    })?;
+    write_file(path, text.as_bytes(), 0o600).map_err(|source| InitError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Writes the setup described by `plan`.
 pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
     if plan.agents.is_empty() {
@@ -105,11 +158,6 @@ pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
         0o600,
     )?;
 
-    let connect_host = if ip.is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        ip.to_string()
-    };
     let mut credentials = Vec::new();
     let mut agent_configs = Vec::new();
     for (i, id) in plan.agents.iter().enumerate() {
@@ -123,35 +171,8 @@ pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
             secret_sha256: hash_secret(&secret),
             revoked: false,
         });
-        let agent = AgentConfig {
-            id: id.clone(),
-            secret: Some(secret),
-            controller: ControllerLink {
-                url: format!("wss://{connect_host}:{}/agent", plan.listen.port()),
-                ca: PathBuf::from("ca.crt"),
-            },
-            proxy: ProxyConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], port)),
-                egress: EgressMode::Tunnel,
-                git_ca: None,
-            },
-            dirs: Dirs {
-                runs: PathBuf::from(format!("agent-{id}/runs")),
-                work: PathBuf::from(format!("agent-{id}/work")),
-                cache: PathBuf::from(format!("agent-{id}/cache")),
-            },
-            link: LinkTiming::default(),
-            runtime: Runtime::default(),
-            tunnel: Default::default(),
-            event_window: 8192,
-            base_dir: PathBuf::new(),
-        };
-        let text = toml::to_string(&agent).map_err(|e| InitError::Serialize {
-            what: format!("agent {id} config"),
-            reason: e.to_string(),
-        })?;
         let path = plan.dir.join(format!("agent-{id}.toml"));
-        write(&path, text.as_bytes(), 0o600)?;
+        write_agent_config(&path, &agent_config(id, secret, plan.listen, port))?;
         agent_configs.push(path);
     }
 
@@ -174,8 +195,10 @@ pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
         },
         tunnel: TunnelConfig::default(),
         desired: None,
+        metrics: None,
         agents: credentials,
         base_dir: PathBuf::new(),
+        file: PathBuf::new(),
     };
     let text = toml::to_string(&controller).map_err(|e| InitError::Serialize {
         what: "controller config".into(),

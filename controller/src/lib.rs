@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -12,6 +13,7 @@ pub mod gateway;
 pub mod gitserve;
 pub mod hub;
 pub mod init;
+pub mod metrics;
 pub mod pki;
 pub mod serve;
 pub mod store;

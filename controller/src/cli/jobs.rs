@@ -9,7 +9,8 @@ use serde_json::json;
 use super::{CliError, JobCommand, output};
 use crate::admin::AdminRequest;
 use crate::config::ControllerConfig;
-use crate::store::{JobRecord, JobStore, StoreError, render_event};
+use crate::store::{JobRecord, JobStore, StoreError, StoredEvent, render_event};
+use unidesk_protocol::EventBody;
 
 pub(super) fn store(config: &ControllerConfig) -> Result<JobStore, CliError> {
     JobStore::open(&config.path(&config.store.dir)).map_err(|e| CliError::Input(e.into()))
@@ -68,19 +69,43 @@ fn config_hint(config: &ControllerConfig) -> String {
         .to_string()
 }
 
+/// Waits up to `wait` for a job to end. On a terminal, its steps are shown on stderr as they
+/// arrive (the log lines stay in `job logs`).
 pub(crate) async fn wait_for(
     store: &JobStore,
     job_id: &str,
     wait: Duration,
 ) -> Result<JobRecord, CliError> {
     let until = Instant::now() + wait;
+    let progress = output::progress_enabled();
+    let mut shown = 0usize;
     loop {
         let record = load(store, job_id)?;
+        if progress {
+            // A job's events may not be readable yet; progress is best effort.
+            if let Ok(events) = store.read_events(&record.job_id) {
+                for line in progress_lines(job_id, &events, shown) {
+                    output::progress(&line);
+                }
+                shown = shown.max(events.len());
+            }
+        }
         if record.status.is_final() || Instant::now() >= until {
             return Ok(record);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The progress lines of the events after the first `from`: steps starting and finishing and
+/// the end of the launch, not the log lines.
+fn progress_lines(job_id: &str, events: &[StoredEvent], from: usize) -> Vec<String> {
+    events
+        .iter()
+        .skip(from)
+        .filter(|e| !matches!(e.body, EventBody::Log { .. }))
+        .map(|e| format!("{job_id}: {}", render_event(e)))
+        .collect()
 }
 
 fn finish(store: &JobStore, record: &JobRecord, tail_bytes: u64) -> Result<(), CliError> {
@@ -195,5 +220,52 @@ pub(super) async fn run(command: JobCommand) -> Result<(), CliError> {
             output::json(&json!({"ok": true, "job": data}));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unidesk_protocol::{Step, StepOutcome};
+
+    fn event(seq: u64, body: EventBody) -> StoredEvent {
+        StoredEvent {
+            seq,
+            time_unix_ms: 0,
+            body,
+        }
+    }
+
+    #[test]
+    fn progress_shows_steps_not_log_lines_and_each_once() {
+        let events = vec![
+            event(1, EventBody::StepStarted { step: Step::Build }),
+            event(
+                2,
+                EventBody::Log {
+                    step: Some(Step::Build),
+                    line: "RUN make".into(),
+                },
+            ),
+            event(
+                3,
+                EventBody::StepFinished {
+                    step: Step::Build,
+                    outcome: StepOutcome::Ok,
+                },
+            ),
+        ];
+        assert_eq!(
+            progress_lines("job-1", &events, 0),
+            vec![
+                "job-1: step=build started".to_string(),
+                "job-1: step=build finished ok".to_string(),
+            ]
+        );
+        assert_eq!(
+            progress_lines("job-1", &events, 1),
+            vec!["job-1: step=build finished ok".to_string()]
+        );
+        assert!(progress_lines("job-1", &events, 3).is_empty());
     }
 }

@@ -10,8 +10,11 @@ use unidesk_protocol::AgentId;
 
 use crate::config::{ControllerConfig, DEFAULT_CONFIG};
 
+pub mod agent;
 pub mod ci;
 pub mod deploy;
+mod devenv;
+mod generate;
 pub(crate) mod jobs;
 pub mod output;
 
@@ -45,12 +48,39 @@ impl CliError {
 #[command(
     name = "unidesk-controller",
     version,
-    about = "Deploy controller for UniDesk nodes"
+    about = "Deploy controller for UniDesk nodes",
+    after_help = EXAMPLES
 )]
 pub struct Cli {
+    /// How results are printed: `json` (the default; what scripts parse) or `text` (lines
+    /// and tables; coloured on a terminal unless NO_COLOR is set). Log lines stay text.
+    #[arg(long, global = true, value_enum, default_value_t = output::Format::Json)]
+    pub output: output::Format,
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The `--help` examples (also the EXTRA section of the man page).
+const EXAMPLES: &str = "\
+EXAMPLES:
+  # A working setup: CA, server certificate, controller.toml and
+  # one agent-<ID>.toml per agent:
+  unidesk-controller init --dir /etc/unidesk --agents d601,d518 \\
+      --listen 0.0.0.0:7443 --egress-allow github.com:443
+  # Run under systemd (the packaged unit does this):
+  unidesk-controller serve --config /etc/unidesk/controller.toml
+  # Who is connected, and a probe of one agent:
+  unidesk-controller agents
+  unidesk-controller probe --agent d601 --wait-ms 10000
+  # Plan, then deploy the dev environment and wait for the jobs:
+  unidesk-controller deploy plan --env dev
+  unidesk-controller deploy apply --env dev --wait-ms 600000
+  # A job's record and log:
+  unidesk-controller job status JOB_ID
+  unidesk-controller job logs JOB_ID --follow
+
+Exit status: 0 ok, 1 the job failed, 2 bad input,
+3 the controller or an agent is unreachable.";
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigArg {
@@ -105,6 +135,24 @@ pub enum Command {
         #[arg(long, default_value_t = 600_000)]
         deadline_ms: u64,
     },
+    /// Validate the config and what it names: TLS files, CA, state directory, admin socket,
+    /// gateway address, desired state, agent entries, egress allowlist. One `{name, ok,
+    /// detail}` per item; exit 0 all ok, 2 the config is wrong, 3 something is unreachable.
+    #[command(
+        after_help = "EXAMPLES:\n  unidesk-controller check --config /etc/unidesk/controller.toml\n  \
+                      unidesk-controller check --output text"
+    )]
+    Check(ConfigArg),
+    /// Agent credentials: enrol, rotate, revoke, list. A new secret is printed once; the
+    /// controller config keeps only its hash.
+    #[command(
+        subcommand,
+        after_help = "EXAMPLES:\n  unidesk-controller agent add d602 --agent-config /etc/unidesk/agent-d602.toml\n  \
+                      unidesk-controller agent rotate d601 --agent-config /etc/unidesk/agent-d601.toml\n  \
+                      unidesk-controller agent revoke d518\n  \
+                      unidesk-controller agent list --output text"
+    )]
+    Agent(agent::AgentCommand),
     /// Inspect and control jobs.
     #[command(subcommand)]
     Job(JobCommand),
@@ -124,13 +172,17 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Write man pages or a shell completion script generated from these definitions.
+    #[command(subcommand, hide = true)]
+    Generate(unidesk_agent::manual::GenerateCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DevEnvCommand {
     /// Check Kubernetes manifests for the dev environment: objects only in the dev namespace,
     /// no NodePort/LoadBalancer, no hostPort/hostNetwork, no production DATABASE_URL.
-    /// Prints `{ok, manifest, objects, violations}`; exit 2 on any violation.
+    /// Prints `{ok, manifest, objects, violations}` (and `dryRun` with --kubectl-dry-run);
+    /// exit 2 on any violation or dry-run rejection, 3 when the agent cannot be asked.
     Validate {
         /// The multi-document YAML manifest to check.
         #[arg(long)]
@@ -138,6 +190,16 @@ pub enum DevEnvCommand {
         /// The dev namespace every object must be in.
         #[arg(long, default_value = crate::desired::devenv::DEV_NAMESPACE)]
         namespace: String,
+        /// After the static checks pass, have --agent send every object to its node's API
+        /// server as a server-side apply with dryRun=All (through its kubeconfig); nothing is
+        /// applied. Prints each object's verdict.
+        #[arg(long, requires = "agent")]
+        kubectl_dry_run: bool,
+        /// The agent whose node runs the dry run.
+        #[arg(long, requires = "kubectl_dry_run")]
+        agent: Option<AgentId>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Import the images a node's pods need into its k3s containerd before any rollout: the
     /// pause image (pulled through the agent's egress proxy when missing, accepted only with
@@ -156,31 +218,6 @@ pub enum DevEnvCommand {
         #[arg(long, default_value_t = 1_800_000)]
         deadline_ms: u64,
     },
-}
-
-/// Runs `dev-env validate`: prints the report, exit 2 on violations or unreadable input.
-fn dev_env_validate(manifest: &std::path::Path, namespace: &str) -> Result<(), CliError> {
-    use crate::desired::devenv;
-    let text = std::fs::read_to_string(manifest)
-        .map_err(|e| CliError::Input(anyhow::anyhow!("cannot read {}: {e}", manifest.display())))?;
-    let report = devenv::validate(&text, namespace)
-        .map_err(|e| CliError::Input(anyhow::anyhow!("{}: {e}", manifest.display())))?;
-    output::json(&serde_json::json!({
-        "ok": report.ok(),
-        "manifest": manifest.display().to_string(),
-        "namespace": report.namespace,
-        "objects": report.objects,
-        "violations": report.violations,
-    }));
-    if report.ok() {
-        Ok(())
-    } else {
-        Err(CliError::Input(anyhow::anyhow!(
-            "{}: {} dev-env violation(s)",
-            manifest.display(),
-            report.violations.len()
-        )))
-    }
 }
 
 /// Where `deploy.json` comes from: exactly one of `--file` and `--env`.
@@ -247,9 +284,9 @@ pub enum DeployCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// The live state against the desired state, changing nothing. Until agents answer
-    /// live-state queries this is the same dry-run plan as `plan` (the seed's `deploy check
-    /// --env` is that plan too); lines whose live state is not known say `unknown`.
+    /// The live state, asked from each node's agent, against the desired state, changing
+    /// nothing: the plan plus `inSync`, `drift` and `unknown` per service. Exit 1 when a
+    /// service drifted, 3 when none did but some could not be compared.
     Check {
         #[command(flatten)]
         desired: DesiredArgs,
@@ -291,6 +328,7 @@ pub enum JobCommand {
 
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
+    output::set_format(cli.output);
     match cli.command {
         Command::Init {
             dir,
@@ -344,6 +382,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let request = crate::admin::AdminRequest::probe(agent, echo_lines, deadline_ms);
             jobs::launch(&config, &request, wait_ms.map(Duration::from_millis)).await
         }
+        Command::Check(c) => {
+            let report = crate::check::run(&c.config).await;
+            output::print(&report);
+            match report.exit_code() {
+                0 => Ok(()),
+                code => {
+                    let failed = report.failed().join(", ");
+                    let e = anyhow::anyhow!("{}: check failed: {failed}", c.config.display());
+                    Err(if code == 2 {
+                        CliError::Input(e)
+                    } else {
+                        CliError::Unreachable(e)
+                    })
+                }
+            }
+        }
+        Command::Agent(command) => agent::run(command).await,
         Command::Job(job) => jobs::run(job).await,
         Command::Deploy(DeployCommand::Apply {
             desired,
@@ -368,21 +423,33 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .await
                 .map(|_| ())
         }
-        Command::Deploy(
-            DeployCommand::Plan { desired, config } | DeployCommand::Check { desired, config },
-        ) => {
+        Command::Deploy(DeployCommand::Plan { desired, config }) => {
             let source = desired.source()?;
             let config = config.load()?;
-            let catalog = deploy::load_catalog(&config, desired.catalog.as_deref())?;
-            let loaded = deploy::load_desired(&config, &source).await?;
-            let plan = deploy::plan_desired(&loaded, &catalog, desired.service.as_deref())?;
-            deploy::print_plan(&loaded, &plan);
-            Ok(())
+            let (catalog, service) = (desired.catalog.as_deref(), desired.service.as_deref());
+            deploy::plan_and_report(&config, &source, catalog, service, deploy::PlanVerb::Plan)
+                .await
+        }
+        Command::Deploy(DeployCommand::Check { desired, config }) => {
+            let source = desired.source()?;
+            let config = config.load()?;
+            let (catalog, service) = (desired.catalog.as_deref(), desired.service.as_deref());
+            deploy::plan_and_report(&config, &source, catalog, service, deploy::PlanVerb::Check)
+                .await
         }
         Command::DevEnv(DevEnvCommand::Validate {
             manifest,
             namespace,
-        }) => dev_env_validate(&manifest, &namespace),
+            kubectl_dry_run,
+            agent,
+            config,
+        }) => {
+            let dry_run = match (kubectl_dry_run, agent) {
+                (true, Some(agent)) => Some((config.load()?, agent)),
+                _ => None,
+            };
+            devenv::validate(&manifest, &namespace, dry_run).await
+        }
         Command::DevEnv(DevEnvCommand::PrewarmImages {
             config,
             agent,
@@ -399,6 +466,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Ci(command) => ci::run(command).await,
         Command::Demo { dir } => crate::demo::run(dir).await,
+        Command::Generate(what) => generate::run(&what),
     }
 }
 

@@ -1,0 +1,490 @@
+//! `docs/runbook.md` runs as written: every fenced `sh` block, in order, in one `bash` with
+//! `set -euo pipefail`, against the real binaries (installed by the runbook itself into a
+//! temporary bin directory), a real Git server, Docker and Compose. The runbook's `site` block
+//! runs first; the test then sets its sandbox's values for the variables that block defines.
+//! Blocks marked `# needs: package` (dpkg, systemctl) are the packaging test's; every other
+//! block must run, and the test checks what each left behind.
+#![allow(clippy::disallowed_methods)] // The runbook's shell and `kill` run as processes.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::service::{
+    ComposeService, SampleRepo, Served, build_image, dockerfile, health, require_docker,
+};
+use crate::support::{bin, free_port, path, wait_for};
+
+/// The marker of blocks the packaging test runs instead.
+const NEEDS_PACKAGE: &str = "# needs: package";
+
+/// One fenced `sh` block of the runbook.
+#[derive(Debug, Clone)]
+struct Block {
+    /// 1-based line of the opening fence.
+    line: usize,
+    /// The `# step: NAME` of the block, if it has one.
+    step: Option<String>,
+    needs_package: bool,
+    text: String,
+}
+
+fn runbook_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/runbook.md")
+}
+
+/// The `sh` blocks of a Markdown text, in order.
+fn blocks(markdown: &str) -> Vec<Block> {
+    let mut found = Vec::new();
+    let mut open: Option<(usize, Vec<&str>)> = None;
+    for (i, line) in markdown.lines().enumerate() {
+        match &mut open {
+            None if line.trim_end() == "```sh" => open = Some((i + 1, Vec::new())),
+            None => {}
+            Some((start, lines)) if line.trim_end() == "```" => {
+                let header: Vec<&str> = lines
+                    .iter()
+                    .take_while(|l| l.starts_with('#'))
+                    .copied()
+                    .collect();
+                found.push(Block {
+                    line: *start,
+                    step: header
+                        .iter()
+                        .find_map(|l| l.strip_prefix("# step:"))
+                        .map(|s| s.trim().to_string()),
+                    needs_package: header.iter().any(|l| l.trim() == NEEDS_PACKAGE),
+                    text: lines.join("\n"),
+                });
+                open = None;
+            }
+            Some((_, lines)) => lines.push(line),
+        }
+    }
+    assert!(open.is_none(), "an unclosed ```sh block in the runbook");
+    found
+}
+
+/// A `bash` reading its script from a pipe; each block's stdout and stderr go to files and a
+/// marker line on bash's stdout says the block finished.
+struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    dir: PathBuf,
+    count: usize,
+}
+
+impl Shell {
+    fn start(dir: &Path) -> Shell {
+        let mut child = Command::new("bash")
+            .args(["--noprofile", "--norc", "-s"])
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("bash.stderr")).unwrap())
+            .spawn()
+            .expect("bash");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut shell = Shell {
+            child,
+            stdin,
+            lines,
+            dir: dir.to_path_buf(),
+            count: 0,
+        };
+        shell.send("set -euo pipefail\n");
+        shell
+    }
+
+    fn send(&mut self, text: &str) {
+        self.stdin
+            .write_all(text.as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .expect("write to bash");
+    }
+
+    /// Runs `script` in the shell (its variables stay set) and returns what it printed;
+    /// fails the test, with that output, when it fails or outlasts `limit`.
+    fn run(&mut self, name: &str, script: &str, limit: Duration) -> String {
+        self.count += 1;
+        let out = self.dir.join(format!("{:02}-{name}.out", self.count));
+        let err = self.dir.join(format!("{:02}-{name}.err", self.count));
+        let marker = format!("__runbook_block_{}_done__", self.count);
+        // Braces, not a subshell, so assignments stay; stdin from /dev/null so no command
+        // reads the script that bash is reading from the pipe.
+        self.send(&format!(
+            "{{\n{script}\n}} </dev/null >'{}' 2>'{}'\necho {marker}\n",
+            out.display(),
+            err.display()
+        ));
+        let stdout = || std::fs::read_to_string(&out).unwrap_or_default();
+        let output = || {
+            format!(
+                "stdout:\n{}\nstderr:\n{}",
+                stdout(),
+                std::fs::read_to_string(&err).unwrap_or_default()
+            )
+        };
+        match self.lines.recv_timeout(limit) {
+            Ok(line) if line == marker => stdout(),
+            Ok(other) => panic!("block {name}: unexpected shell output {other:?}"),
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("block {name} still running after {limit:?}:\n{}", output())
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait().ok();
+                panic!(
+                    "block {name} failed (bash exited {status:?}):\n{}\n{}",
+                    output(),
+                    std::fs::read_to_string(self.dir.join("bash.stderr")).unwrap_or_default()
+                )
+            }
+        }
+    }
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the processes the runbook started in the background (its pid files), also when the
+/// test fails half way.
+struct Background(PathBuf);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for name in ["agent.pid", "controller.pid"] {
+            if let Ok(pid) = std::fs::read_to_string(self.0.join(name)) {
+                let _ = Command::new("kill")
+                    .args(["-9", pid.trim()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+#[test]
+fn runbook_blocks_are_named_and_package_blocks_marked() {
+    let text = std::fs::read_to_string(runbook_path()).unwrap();
+    let all = blocks(&text);
+    assert!(all.len() >= 10, "{all:#?}");
+    let mut names = BTreeSet::new();
+    for b in all.iter().filter(|b| !b.needs_package) {
+        let step = b
+            .step
+            .clone()
+            .unwrap_or_else(|| panic!("the block at line {} has no `# step: NAME`", b.line));
+        assert!(names.insert(step.clone()), "step {step} named twice");
+    }
+    assert_eq!(
+        all[0].step.as_deref(),
+        Some("site"),
+        "the site block comes first"
+    );
+    for b in all.iter().filter(|b| b.needs_package) {
+        assert!(
+            b.text.contains("dpkg") || b.text.contains("systemctl"),
+            "a `needs: package` block at line {} that uses no package: {}",
+            b.line,
+            b.text
+        );
+    }
+}
+
+/// The service the runbook deploys: a sample repository on the product's Git server, its
+/// first version running under Compose, a catalog and a `deploy.json` naming a new commit.
+struct Site {
+    _repo: SampleRepo,
+    _served: Served,
+    _compose: ComposeService,
+    port: u16,
+    commit: String,
+    catalog: PathBuf,
+    deploy_json: PathBuf,
+}
+
+fn site(dir: &Path, agent: &str) -> Site {
+    require_docker();
+    let git_root = dir.join("git");
+    std::fs::create_dir_all(&git_root).unwrap();
+    let repo = SampleRepo::create(&git_root, "runbook").unwrap();
+    let served = Served::start(&git_root);
+    let port = free_port();
+    let project = format!("unidesk-test-runbook-{}", std::process::id());
+    let image = format!("{project}-web:latest");
+    build_image(&image, &dockerfile(port, "none", ""));
+    let compose = ComposeService::up(dir, &project, "web", &image);
+    wait_for(
+        "the first container to serve",
+        Duration::from_secs(20),
+        || health(port).filter(|b| b.contains("none")),
+    );
+    let commit = repo
+        .commit(
+            "runbook version",
+            &[
+                (
+                    "Dockerfile",
+                    &dockerfile(port, "$UNIDESK_DEPLOY_COMMIT", ""),
+                ),
+                ("index.html", "runbook"),
+            ],
+        )
+        .unwrap()
+        .to_string();
+    let catalog = dir.join("config.json");
+    let config = json!({
+        "microservices": [{
+            "id": "runbook-web",
+            "repository": { "url": served.server.url("runbook.git") },
+            "deployment": {
+                "mode": "unidesk-direct",
+                "node": agent,
+                "dockerfile": "Dockerfile",
+                "context": ".",
+                "image": image,
+                "buildTimeoutMs": 300000,
+                "healthUrl": format!("http://127.0.0.1:{port}/health"),
+                "compose": { "project": project, "service": "web" }
+            }
+        }],
+        "nodes": { agent: { "agent": agent, "egress": "tunnel" } }
+    });
+    std::fs::write(&catalog, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let deploy_json = dir.join("deploy.json");
+    let doc = json!({
+        "schemaVersion": 1,
+        "services": [{
+            "id": "runbook-web",
+            "repo": served.server.url("runbook.git"),
+            "commitId": commit,
+        }]
+    });
+    std::fs::write(&deploy_json, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    Site {
+        _repo: repo,
+        _served: served,
+        _compose: compose,
+        port,
+        commit,
+        catalog,
+        deploy_json,
+    }
+}
+
+fn stored_events(job_dir: &Path) -> usize {
+    std::fs::read_to_string(job_dir.join("events.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn every_runbook_command_runs_against_a_real_controller_agent_and_git() {
+    let text = std::fs::read_to_string(runbook_path()).unwrap();
+    let all = blocks(&text);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let agent = "node1";
+    let site = site(dir, agent);
+    let build_dir = bin("unidesk-controller").parent().unwrap().to_path_buf();
+    bin("unidesk-agent");
+    let etc = dir.join("etc");
+    let logs = dir.join("logs");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _background = Background(logs.clone());
+    // The sandbox's values for the variables of the `site` block.
+    let sandbox = format!(
+        "UNIDESK_ETC='{etc}'\n\
+         CONTROLLER_LISTEN='{listen}'\n\
+         EGRESS_ALLOW=('127.0.0.1:*' 'localhost:*' 'cidr:127.0.0.0/8')\n\
+         AGENT_ID='{agent}'\n\
+         AGENT_ETC='{node}'\n\
+         AGENT_PROXY_PORT='{proxy}'\n\
+         AGENT_RUNS=\"$AGENT_ETC/agent-$AGENT_ID/runs\"\n\
+         UNIDESK_BUILD='{build}'\n\
+         UNIDESK_BIN='{bin}'\n\
+         UNIDESK_LOGS='{logs}'\n\
+         DEPLOY_JSON='{deploy}'\n\
+         CATALOG='{catalog}'\n\
+         CONFIG=\"$UNIDESK_ETC/controller.toml\"\n\
+         PATH=\"$UNIDESK_BIN:$PATH\"\n",
+        etc = path(&etc),
+        node = path(&dir.join("node")),
+        proxy = free_port(),
+        build = path(&build_dir),
+        bin = path(&dir.join("bin")),
+        logs = path(&logs),
+        deploy = path(&site.deploy_json),
+        catalog = path(&site.catalog),
+    );
+    let config = etc.join("controller.toml");
+    let mut shell = Shell::start(dir);
+    let mut ran = BTreeSet::new();
+    let mut stuck_job = String::new();
+    for block in all.iter().filter(|b| !b.needs_package) {
+        let step = block
+            .step
+            .clone()
+            .expect("named (checked by the other test)");
+        let limit = if step == "deploy" {
+            Duration::from_secs(600)
+        } else {
+            Duration::from_secs(120)
+        };
+        if step == "stuck-job" {
+            // A job that stays running: a probe echoing more lines than it will ever finish.
+            let out = Command::new(bin("unidesk-controller"))
+                .args(["probe", "--agent", agent, "--echo-lines", "50000000"])
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            stuck_job = job["jobId"].as_str().unwrap().to_string();
+            let job_dir = etc.join("state/jobs").join(&stuck_job);
+            wait_for("the stuck job to run", Duration::from_secs(30), || {
+                (stored_events(&job_dir) > 100).then_some(())
+            });
+            shell.run(
+                "stuck-job-id",
+                &format!("STUCK_JOB_ID='{stuck_job}'"),
+                limit,
+            );
+        }
+        let out = shell.run(&step, &block.text, limit);
+        if step == "site" {
+            shell.run("sandbox", &sandbox, limit);
+        }
+        check_step(&step, &out, &etc, dir, &site, &stuck_job);
+        ran.insert(step);
+    }
+    let expected: BTreeSet<String> = [
+        "site",
+        "controller-install",
+        "controller-init",
+        "controller-start",
+        "enrol",
+        "agent-install",
+        "agent-verify",
+        "deploy",
+        "read-result",
+        "stuck-job",
+        "rotate",
+        "rotate-restart",
+        "revoke",
+        "stop",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(
+        ran, expected,
+        "the runbook's steps and the ones this test checks differ"
+    );
+}
+
+/// What each step must have done, beyond exiting 0.
+fn check_step(step: &str, out: &str, etc: &Path, dir: &Path, site: &Site, stuck_job: &str) {
+    let agent_config = etc.join("agent-node1.toml");
+    match step {
+        "controller-install" => assert!(dir.join("bin/unidesk-controller").exists()),
+        "controller-init" => {
+            assert!(etc.join("controller.toml").exists(), "{out}");
+            assert!(
+                out.contains("gateway.listen") && out.contains("can be bound"),
+                "{out}"
+            );
+        }
+        "controller-start" => assert!(
+            out.contains("served by the running controller")
+                && out.contains("a controller answers on"),
+            "{out}"
+        ),
+        "enrol" => {
+            let value: serde_json::Value = serde_json::from_str(out).unwrap();
+            let secret = value["secret"].as_str().unwrap();
+            let written = std::fs::read_to_string(&agent_config).unwrap();
+            assert!(written.contains(secret), "{written}");
+            let controller = std::fs::read_to_string(etc.join("controller.toml")).unwrap();
+            assert!(!controller.contains(secret), "{controller}");
+        }
+        "agent-install" => assert!(dir.join("bin/unidesk-agent").exists()),
+        "agent-verify" => {
+            let row = out
+                .lines()
+                .find(|l| l.starts_with("node1 "))
+                .unwrap_or_else(|| panic!("no node1 row: {out}"));
+            assert!(row.contains("true"), "node1 connected: {out}");
+            assert!(out.contains("controller"), "the agent's check ran: {out}");
+        }
+        "deploy" => {
+            assert!(out.contains("job job-") && out.contains(" run "), "{out}");
+            let body = health(site.port).unwrap_or_default();
+            assert!(body.contains(&site.commit), "the new commit serves: {body}");
+        }
+        "read-result" => {
+            assert!(out.contains("succeeded"), "{out}");
+            assert!(out.contains(&site.commit), "{out}");
+            assert!(
+                out.contains("result.json") && out.contains("build.log"),
+                "{out}"
+            );
+        }
+        "stuck-job" => {
+            let record: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(etc.join("state/jobs").join(stuck_job).join("job.json"))
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(record["status"], "cancelled", "{record}");
+            assert!(
+                record["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("stuck: cancelled by the operator"),
+                "{record}"
+            );
+        }
+        "rotate" => {
+            let value: serde_json::Value = serde_json::from_str(out).unwrap();
+            let secret = value["secret"].as_str().unwrap();
+            // The node's copy, which the agent runs with.
+            let node = dir.join("node/agent-node1.toml");
+            let written = std::fs::read_to_string(&node).unwrap();
+            assert!(
+                written.contains(secret),
+                "{} has the new secret",
+                node.display()
+            );
+        }
+        "revoke" => {
+            let row = out
+                .lines()
+                .find(|l| l.starts_with("main "))
+                .unwrap_or_else(|| panic!("no main row: {out}"));
+            assert!(row.contains("true"), "main revoked: {out}");
+        }
+        _ => {}
+    }
+}
