@@ -632,10 +632,10 @@ mod tests {
             CancellationToken::new(),
         )
         .unwrap();
-        client
-            .send(Message::Binary(vec![0u8, 1, 250, 3].into()))
-            .await
-            .unwrap();
+        // This side's version, then bytes that are no frame.
+        let mut garbage = unidesk_protocol::PROTOCOL_VERSION.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[250, 3]);
+        client.send(Message::Binary(garbage.into())).await.unwrap();
         let reason = link.closed().wait().await;
         assert!(
             matches!(&reason, Closed::Protocol(r) if r.contains("malformed agent frame")),

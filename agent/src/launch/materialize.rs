@@ -148,6 +148,16 @@ pub enum MaterializeError {
         commit: String,
         path: String,
     },
+    /// A tree entry named `.`, `..` or holding a `/`: it would escape the build context.
+    #[error(
+        "tree entry {path:?} at commit {commit} of {repo} would escape the build context \
+         (`.`, `..` and `/` are not allowed in an entry name)"
+    )]
+    UnsafeTreeEntry {
+        repo: String,
+        commit: String,
+        path: String,
+    },
     /// The Dockerfile is not below the build context.
     #[error("dockerfile {dockerfile} is outside the build context {context}")]
     DockerfileOutsideContext { dockerfile: String, context: String },
@@ -805,6 +815,15 @@ impl<W: Write> Walk<'_, W> {
                     path: join(repo_dir, &String::from_utf8_lossy(entry.name_bytes())),
                 });
             };
+            // Git never writes these names, but a crafted tree can; in the context they would
+            // name something outside it.
+            if matches!(name, "" | "." | "..") || name.contains('/') {
+                return Err(MaterializeError::UnsafeTreeEntry {
+                    repo: mirror.url.clone(),
+                    commit: self.sha.clone(),
+                    path: join(repo_dir, name),
+                });
+            }
             let repo_path = join(repo_dir, name);
             let ctx_path = join(ctx_dir, name);
             let mode = entry.filemode();
@@ -1516,6 +1535,72 @@ mod tests {
             .map(|e| e.data.len() as u64)
             .sum();
         assert_eq!(stats.bytes, content);
+    }
+
+    #[test]
+    fn tree_entries_that_would_escape_the_context_are_refused() {
+        // Git's own tools never write such trees, but a crafted remote can: entries named `..`
+        // written straight into the object database.
+        let dir = tempfile::tempdir().unwrap();
+        let mirror = bare_mirror(dir.path());
+        let odb = mirror.repo.odb().unwrap();
+        let blob = odb.write(git2::ObjectType::Blob, b"escape\n").unwrap();
+        let dockerfile = odb
+            .write(git2::ObjectType::Blob, b"FROM scratch\n")
+            .unwrap();
+        let raw_tree = |entries: &[(&str, &str, Oid)]| {
+            let mut bytes = Vec::new();
+            for (mode, name, id) in entries {
+                bytes.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+                bytes.extend_from_slice(id.as_bytes());
+            }
+            odb.write(git2::ObjectType::Tree, &bytes).unwrap()
+        };
+        let inner = raw_tree(&[("100644", "x", blob)]);
+        let cases = [
+            (
+                "a file named ..",
+                raw_tree(&[("100644", "..", blob), ("100644", "Dockerfile", dockerfile)]),
+            ),
+            (
+                "a directory named ..",
+                raw_tree(&[("40000", "..", inner), ("100644", "Dockerfile", dockerfile)]),
+            ),
+            (
+                "a symlink named ..",
+                raw_tree(&[("120000", "..", blob), ("100644", "Dockerfile", dockerfile)]),
+            ),
+        ];
+        let sig = Signature::new("Test", "test@example.com", &Time::new(0, 0)).unwrap();
+        for (what, tree) in cases {
+            let tree = mirror.repo.find_tree(tree).unwrap();
+            let id = mirror
+                .repo
+                .commit(None, &sig, &sig, what, &tree, &[])
+                .unwrap();
+            let mut out = Vec::new();
+            let err = mirror
+                .write_context_tar(id, ".", "Dockerfile", &mut out)
+                .expect_err(what)
+                .to_string();
+            assert!(
+                err.contains("would escape the build context") && err.contains(&id.to_string()),
+                "{what}: {err}"
+            );
+            // Whatever streamed before the refusal names nothing outside the context.
+            let mut archive = tar::Archive::new(&out[..]);
+            if let Ok(written) = archive.entries() {
+                for entry in written.flatten() {
+                    let path = entry.path().unwrap().into_owned();
+                    assert!(
+                        !path
+                            .components()
+                            .any(|c| c == std::path::Component::ParentDir),
+                        "{what}: {path:?} escaped"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
