@@ -104,6 +104,77 @@ fn agent_notifies_readiness_then_pings_the_watchdog() {
     );
 }
 
+/// The agent's stderr for its first seconds of `run` (no controller: it logs its dialling),
+/// with `env` set and `UNIDESK_LOG_FORMAT`/`JOURNAL_STREAM` otherwise removed.
+fn agent_log_lines(setup: &Setup, name: &str, env: &[(&str, &str)]) -> Vec<String> {
+    let log = setup.dir.join(format!("agent-{name}.log"));
+    let config = setup.agent_config("node");
+    let mut cmd = Command::new(bin("unidesk-agent"));
+    cmd.args(["run", "--config", config.to_str().unwrap()])
+        .env_remove("UNIDESK_LOG_FORMAT")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let mut proc = Proc {
+        child: cmd.spawn().expect("start the agent"),
+        log,
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while proc.log_text().lines().count() < 2 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    proc.kill();
+    let lines: Vec<String> = proc.log_text().lines().map(str::to_owned).collect();
+    assert!(lines.len() >= 2, "{name}: the agent logged {lines:?}");
+    lines
+}
+
+#[test]
+fn log_lines_follow_the_requested_format_and_suit_the_journal_under_systemd() {
+    let setup = Setup::new(&["node"]);
+    for line in agent_log_lines(&setup, "json", &[("UNIDESK_LOG_FORMAT", "json")]) {
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not one JSON object a line ({e}): {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"].is_object(),
+            "{line}"
+        );
+    }
+    // systemd sets JOURNAL_STREAM when stderr is the journal; the journal stamps lines itself.
+    for line in agent_log_lines(&setup, "journal", &[("JOURNAL_STREAM", "8:12345")]) {
+        assert!(
+            !line.starts_with("20"),
+            "a timestamp in a journal line: {line}"
+        );
+        assert!(
+            !line.contains('\u{1b}'),
+            "colours in a journal line: {line:?}"
+        );
+        assert!(
+            ["ERROR", "WARN", "INFO", "DEBUG"]
+                .iter()
+                .any(|l| line.trim_start().starts_with(l)),
+            "{line}"
+        );
+    }
+    for line in agent_log_lines(&setup, "human", &[]) {
+        assert!(
+            line.starts_with("20"),
+            "a human line starts with its time: {line}"
+        );
+    }
+    // A format nobody knows is named, and the agent still logs.
+    let lines = agent_log_lines(&setup, "unknown", &[("UNIDESK_LOG_FORMAT", "xml")]);
+    assert!(
+        lines[0].contains("UNIDESK_LOG_FORMAT=\"xml\" is not `human` or `json`"),
+        "{lines:?}"
+    );
+}
+
 #[test]
 fn controller_notifies_readiness_then_pings_the_watchdog() {
     let setup = Setup::new(&["node"]);

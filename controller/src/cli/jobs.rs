@@ -10,7 +10,7 @@ use super::{CliError, JobCommand, output};
 use crate::admin::AdminRequest;
 use crate::config::ControllerConfig;
 use crate::store::{JobRecord, JobStore, StoreError, StoredEvent, render_event};
-use unidesk_protocol::EventBody;
+use unidesk_protocol::{EventBody, Step};
 
 pub(super) fn store(config: &ControllerConfig) -> Result<JobStore, CliError> {
     JobStore::open(&config.path(&config.store.dir)).map_err(|e| CliError::Input(e.into()))
@@ -84,8 +84,11 @@ pub(crate) async fn wait_for(
         if progress {
             // A job's events may not be readable yet; progress is best effort.
             if let Ok(events) = store.read_events(&record.job_id) {
-                for line in progress_lines(job_id, &events, shown) {
-                    output::progress(&line);
+                for item in progress_lines(job_id, &events, shown) {
+                    match item {
+                        Progress::Line(line) => output::progress(&line),
+                        Progress::Bar(bar) => output::progress_bar(&bar),
+                    }
                 }
                 shown = shown.max(events.len());
             }
@@ -97,15 +100,59 @@ pub(crate) async fn wait_for(
     }
 }
 
-/// The progress lines of the events after the first `from`: steps starting and finishing and
-/// the end of the launch, not the log lines.
-fn progress_lines(job_id: &str, events: &[StoredEvent], from: usize) -> Vec<String> {
+/// What `--wait` shows on a terminal for one event.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// A step started or finished, or the launch ended: a line of its own.
+    Line(String),
+    /// How far a build or an import is: redrawn in place.
+    Bar(String),
+}
+
+/// The progress of the events after the first `from`: steps starting and finishing and the
+/// end of the launch as lines, the build's `Step i/n` and the import's `layer i/n` log lines as
+/// a bar; other log lines stay in `job logs`.
+fn progress_lines(job_id: &str, events: &[StoredEvent], from: usize) -> Vec<Progress> {
     events
         .iter()
         .skip(from)
-        .filter(|e| !matches!(e.body, EventBody::Log { .. }))
-        .map(|e| format!("{job_id}: {}", render_event(e)))
+        .filter_map(|e| match &e.body {
+            EventBody::Log {
+                step: Some(step @ (Step::Build | Step::Import)),
+                line,
+            } => fraction(line).map(|(done, total)| {
+                Progress::Bar(format!(
+                    "{job_id}: step={} {}",
+                    step.name(),
+                    bar(done, total)
+                ))
+            }),
+            EventBody::Log { .. } => None,
+            _ => Some(Progress::Line(format!("{job_id}: {}", render_event(e)))),
+        })
         .collect()
+}
+
+/// `i/n` of a build line (`Step 3/7 : RUN …`) or an import line (`layer 2/5 …`).
+fn fraction(line: &str) -> Option<(u64, u64)> {
+    let rest = line
+        .strip_prefix("Step ")
+        .or_else(|| line.strip_prefix("layer "))?;
+    let word = rest.split([' ', ':']).next()?;
+    let (done, total) = word.split_once('/')?;
+    let (done, total) = (done.parse().ok()?, total.parse().ok()?);
+    (done <= total && total > 0).then_some((done, total))
+}
+
+/// `[#########-----------] 3/7`, 20 cells wide.
+fn bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 20;
+    let full = done * WIDTH / total;
+    format!(
+        "[{}{}] {done}/{total}",
+        "#".repeat(full as usize),
+        "-".repeat((WIDTH - full) as usize)
+    )
 }
 
 fn finish(store: &JobStore, record: &JobRecord, tail_bytes: u64) -> Result<(), CliError> {
@@ -226,7 +273,7 @@ pub(super) async fn run(command: JobCommand) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use unidesk_protocol::{Step, StepOutcome};
+    use unidesk_protocol::StepOutcome;
 
     fn event(seq: u64, body: EventBody) -> StoredEvent {
         StoredEvent {
@@ -258,14 +305,47 @@ mod tests {
         assert_eq!(
             progress_lines("job-1", &events, 0),
             vec![
-                "job-1: step=build started".to_string(),
-                "job-1: step=build finished ok".to_string(),
+                Progress::Line("job-1: step=build started".into()),
+                Progress::Line("job-1: step=build finished ok".into()),
             ]
         );
         assert_eq!(
             progress_lines("job-1", &events, 1),
-            vec!["job-1: step=build finished ok".to_string()]
+            vec![Progress::Line("job-1: step=build finished ok".into())]
         );
         assert!(progress_lines("job-1", &events, 3).is_empty());
+    }
+
+    #[test]
+    fn builds_and_imports_show_a_bar_other_lines_do_not() {
+        let log = |seq, step, line: &str| {
+            event(
+                seq,
+                EventBody::Log {
+                    step: Some(step),
+                    line: line.into(),
+                },
+            )
+        };
+        let events = vec![
+            log(1, Step::Build, "Step 3/4 : RUN make"),
+            log(
+                2,
+                Step::Import,
+                "layer 2/2 sha256:ab written (1 MiB in 0.1 s)",
+            ),
+            log(3, Step::Build, "Step 9/4 : nonsense"),
+            log(4, Step::Verify, "Step 1/2 : not a build"),
+            log(5, Step::Build, "layer x/y"),
+        ];
+        assert_eq!(
+            progress_lines("j", &events, 0),
+            vec![
+                Progress::Bar("j: step=build [###############-----] 3/4".into()),
+                Progress::Bar("j: step=import [####################] 2/2".into()),
+            ]
+        );
+        assert_eq!(fraction("Step 0/0 : x"), None);
+        assert_eq!(bar(0, 7), "[--------------------] 0/7");
     }
 }

@@ -76,9 +76,21 @@ pub fn progress_enabled() -> bool {
     std::io::stderr().is_terminal()
 }
 
+/// Whether a bar is drawn on the current stderr line (a line must first end it).
+static BAR_OPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// One progress line on stderr (callers ask [`progress_enabled`] first).
 pub fn progress(text: &str) {
+    if BAR_OPEN.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!();
+    }
     eprintln!("{text}");
+}
+
+/// A progress bar on stderr, redrawn in place until the next [`progress`] line.
+pub fn progress_bar(text: &str) {
+    BAR_OPEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    eprint!("\r\x1b[K{text}");
 }
 
 /// Prints one line of text, whatever the format (logs are text in both).
