@@ -606,9 +606,10 @@ fn packages_build_install_where_the_units_expect_and_purge_clean() {
     }
     let etc_existed = Path::new("/etc/unidesk").exists();
 
-    // Build in the profile the test binaries were built in, into the same target directory:
-    // the binaries are there already (`cargo build --workspace --bins`), so only cargo-deb's
-    // work is new. A release build of both would add about 15 minutes of CPU on the 2-core
+    // Package the binaries the tests run, from the same target directory, without building:
+    // they are there already (`cargo build --workspace --bins`), and a cargo build started
+    // from this process would see cargo test's CARGO_MANIFEST_DIR, rebuild ring and all above
+    // it, and relink the binaries the other tests are starting at that moment. A release build of both would add about 15 minutes of CPU on the 2-core
     // test machine; the dev-profile package, stripped, holds the same files.
     let profile_dir = bin("unidesk-agent").parent().unwrap().to_path_buf();
     let target = profile_dir.parent().unwrap();
@@ -622,7 +623,7 @@ fn packages_build_install_where_the_units_expect_and_purge_clean() {
     let debs = run_ok(
         Command::new("bash")
             .arg(root().join("scripts/package"))
-            .args(["--profile", profile, "--fast", "--out"])
+            .args(["--profile", profile, "--fast", "--no-build", "--out"])
             .arg(out.path())
             .env("CARGO_TARGET_DIR", target),
         "scripts/package",
