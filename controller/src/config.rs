@@ -345,15 +345,13 @@ pub fn edit_agents(path: &Path, text: &str, edit: &AgentEdit) -> Result<String, 
 /// Reads the controller configuration at `path`, applies `edit` and replaces the file
 /// atomically with the same file mode. Returns the configuration as now written.
 pub fn rewrite_agents(path: &Path, edit: &AgentEdit) -> Result<ControllerConfig, AgentEditError> {
-    use std::os::unix::fs::PermissionsExt;
     let read = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     };
     let text = std::fs::read_to_string(path).map_err(read)?;
-    let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o7777;
     let edited = edit_agents(path, &text, edit)?;
-    unidesk_agent::atomic::write_file(path, edited.as_bytes(), mode).map_err(|source| {
+    unidesk_agent::atomic::rewrite_file(path, edited.as_bytes()).map_err(|source| {
         AgentEditError::Write {
             path: path.to_path_buf(),
             source,

@@ -264,6 +264,13 @@ async fn session<S>(
             _ = cancel.cancelled() => break Closed::Local("controller shutting down".into()),
             reason = closed.wait() => break reason,
             _ = ping.tick() => {
+                // `agent revoke` and `agent rotate` end a session already open, within one
+                // heartbeat: the credential it was let in with must still be accepted.
+                if let Err(e) = gateway.credentials.authenticate(&agent, &hello.credential) {
+                    tracing::warn!(reason = %e, "closing the session: its credential is no longer accepted");
+                    link.close_with(e.to_string());
+                    break Closed::Local(format!("credential no longer accepted: {e}"));
+                }
                 if link.silent_for() > heartbeat * 3 {
                     link.close();
                     break Closed::Local(format!("agent silent for {:?}", link.silent_for()));

@@ -222,6 +222,7 @@ pub struct Link<In, Out> {
     /// Tunnel streams the peer opened.
     pub inbound_streams: mpsc::Receiver<TunnelStream>,
     closed: watch::Receiver<Option<Closed>>,
+    closed_tx: Arc<watch::Sender<Option<Closed>>>,
     heard: Arc<AtomicU64>,
     started: Instant,
     cancel: CancellationToken,
@@ -236,6 +237,13 @@ impl<In, Out> Link<In, Out> {
 
     /// Ends the session.
     pub fn close(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Ends the session and tells the peer why: `reason` goes in the WebSocket close frame
+    /// (the peer logs it) unless the session had already ended for another reason.
+    pub fn close_with(&self, reason: impl Into<String>) {
+        record_first(&self.closed_tx, Closed::Local(reason.into()));
         self.cancel.cancel();
     }
 
@@ -298,14 +306,7 @@ where
         let closed_tx = closed_tx.clone();
         let cancel = cancel.clone();
         move |reason: Closed| {
-            closed_tx.send_if_modified(|slot| {
-                if slot.is_none() {
-                    *slot = Some(reason);
-                    true
-                } else {
-                    false
-                }
-            });
+            record_first(&closed_tx, reason);
             cancel.cancel();
         }
     };
@@ -341,10 +342,23 @@ where
         opener: Opener { tx: open_tx },
         inbound_streams: inbound_rx,
         closed: closed_rx,
+        closed_tx,
         heard,
         started,
         cancel,
     })
+}
+
+/// Keeps the first reason a session ended for; later ones are consequences of it.
+fn record_first(closed: &watch::Sender<Option<Closed>>, reason: Closed) {
+    closed.send_if_modified(|slot| {
+        if slot.is_none() {
+            *slot = Some(reason);
+            true
+        } else {
+            false
+        }
+    });
 }
 
 type WsStream<S> = futures::stream::SplitStream<WebSocketStream<S>>;

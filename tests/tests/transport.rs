@@ -674,23 +674,31 @@ fn agent_add_rotate_and_revoke_take_effect_without_a_controller_restart() {
     setup.wait_agents(&["turn"]);
     let out = probe(&setup, "turn", 1, Some(20_000));
     assert_eq!(out["ok"], true, "{out}");
-    drop(agent);
 
-    // Revoked: refused although the secret is right.
+    // Revoked while connected: the open session is cut within a heartbeat (5 s) and every
+    // reconnection is refused, although the secret is right.
     let out = setup.cli_json(&["agent", "revoke", "turn"]);
     assert_eq!(out["revoked"], true, "{out}");
-    let revoked = setup.agent("turn");
     wait_for(
-        "the revoked agent's refusal",
+        "the revoked agent's session to end and its reconnection to be refused",
         Duration::from_secs(20),
         || {
-            revoked
+            let (code, out, _) = setup.cli(&["agents"]);
+            let listed = code != 0 || out.contains("\"turn\"");
+            let refused = agent
                 .log_text()
-                .contains("agent turn has a revoked credential")
-                .then_some(())
+                .matches("agent turn has a revoked credential")
+                .count()
+                >= 2;
+            (!listed && refused).then_some(())
         },
     );
-    drop(revoked);
+    let log = controller.log_text();
+    assert!(
+        log.contains("closing the session: its credential is no longer accepted"),
+        "{log}"
+    );
+    drop(agent);
 
     // Enrolled while the controller runs: the written config connects at once.
     let added = setup.dir.join("agent-late.toml");

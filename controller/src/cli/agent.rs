@@ -4,7 +4,6 @@
 //! running controller reads the changed entries at the next Hello; a session already open
 //! stays open until that agent reconnects.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::anyhow;
@@ -28,6 +27,10 @@ pub enum AgentCommand {
         /// Egress proxy port for the written agent config.
         #[arg(long, default_value_t = 18789)]
         proxy_port: u16,
+        /// Write the agent config for the unidesk-agent package's unit: its directories in
+        /// /var/lib/unidesk-agent instead of beside the file.
+        #[arg(long, requires = "agent_config")]
+        packaged: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -76,17 +79,15 @@ fn read_agent_config(path: &Path, id: &AgentId) -> Result<toml_edit::DocumentMut
     }
 }
 
-/// Replaces `secret` in an agent config, keeping the rest of the file and its mode.
+/// Replaces `secret` in an agent config, keeping the rest of the file, its mode, owner and
+/// group.
 fn write_agent_secret(
     path: &Path,
     mut doc: toml_edit::DocumentMut,
     secret: &Secret,
 ) -> Result<(), CliError> {
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o600);
     doc["secret"] = toml_edit::value(secret.expose());
-    unidesk_agent::atomic::write_file(path, doc.to_string().as_bytes(), mode)
+    unidesk_agent::atomic::rewrite_file(path, doc.to_string().as_bytes())
         .map_err(|e| CliError::Failed(anyhow!("cannot write {}: {e}", path.display())))
 }
 
@@ -97,6 +98,7 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), CliError> {
             id,
             agent_config,
             proxy_port,
+            packaged,
             config,
         } => {
             let controller = config.load()?;
@@ -120,6 +122,7 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), CliError> {
                     secret.clone(),
                     controller.gateway.listen,
                     proxy_port,
+                    crate::init::Layout::packaged(packaged),
                 );
                 crate::init::write_agent_config(path, &agent)
                     .map_err(|e| CliError::Failed(e.into()))?;
@@ -223,6 +226,7 @@ async fn connected(config: &ControllerConfig) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn rotate_refuses_another_agents_config_and_keeps_the_rest() {
