@@ -67,6 +67,7 @@ impl Setup {
             .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
         let plan = InitPlan {
             dir: dir.path().to_path_buf(),
+            layout: unidesk_controller::init::Layout::Local,
             agents: agents.to_vec(),
             listen,
             proxy_port,

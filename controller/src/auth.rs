@@ -189,6 +189,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let report = crate::init::init(&crate::init::InitPlan {
             dir: dir.path().join("setup"),
+            layout: crate::init::Layout::Local,
             agents: vec![AgentId::new("node").unwrap()],
             listen: "127.0.0.1:7443".parse().unwrap(),
             proxy_port: 18789,

@@ -561,6 +561,7 @@ mod tests {
         };
         let report = crate::init::init(&crate::init::InitPlan {
             dir: dir.path().join("setup"),
+            layout: crate::init::Layout::Local,
             agents: vec![AgentId::new("node").unwrap()],
             listen,
             proxy_port: 18789,

@@ -17,10 +17,67 @@ use crate::config::{
 };
 use unidesk_agent::atomic::write_file;
 
+/// Where an installation keeps what its configs name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// Everything beside the config file: state, admin socket, the agents' directories. What a
+    /// binary install or a test directory uses.
+    #[default]
+    Local,
+    /// Where the Debian packages' units expect it: the controller's state in
+    /// `/var/lib/unidesk` and its admin socket in `/run/unidesk` (the unit's `StateDirectory`
+    /// and `RuntimeDirectory`), an agent's directories in `/var/lib/unidesk-agent`, the only
+    /// places `ProtectSystem=strict` lets them write. Certificates stay beside the config.
+    Packaged,
+}
+
+impl Layout {
+    /// The layout a `--packaged` flag asks for.
+    pub fn packaged(packaged: bool) -> Layout {
+        if packaged {
+            Layout::Packaged
+        } else {
+            Layout::Local
+        }
+    }
+
+    fn store_dir(self) -> PathBuf {
+        match self {
+            Layout::Local => PathBuf::from("state"),
+            Layout::Packaged => PathBuf::from("/var/lib/unidesk"),
+        }
+    }
+
+    fn admin_socket(self) -> PathBuf {
+        match self {
+            Layout::Local => PathBuf::from("admin.sock"),
+            Layout::Packaged => PathBuf::from("/run/unidesk/admin.sock"),
+        }
+    }
+
+    fn agent_dirs(self, id: &AgentId) -> Dirs {
+        let root = match self {
+            Layout::Local => PathBuf::from(format!("agent-{id}")),
+            Layout::Packaged => PathBuf::from("/var/lib/unidesk-agent"),
+        };
+        Dirs {
+            runs: root.join("runs"),
+            work: root.join("work"),
+            cache: root.join("cache"),
+        }
+    }
+}
+
+/// The `controller.toml` the `unidesk-controller` package installs. `init --packaged` replaces
+/// it when it is still exactly this; any other existing file is the operator's and is kept.
+pub const PACKAGED_CONTROLLER_CONFIG: &str =
+    include_str!("../../packaging/etc/unidesk/controller.toml");
+
 /// What `init` should write.
 #[derive(Debug, Clone)]
 pub struct InitPlan {
     pub dir: PathBuf,
+    pub layout: Layout,
     pub agents: Vec<AgentId>,
     pub listen: SocketAddr,
     /// The first agent's proxy port; each further agent gets the next one.
@@ -32,7 +89,10 @@ pub struct InitPlan {
 /// `init` could not write the setup.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("{0} already holds a controller.toml; refusing to overwrite it")]
+    #[error(
+        "{0} already holds a controller.toml; refusing to overwrite it (only `init --packaged` \
+         replaces one, and only the package's unchanged default)"
+    )]
     Exists(PathBuf),
     #[error("agent {0} is listed twice")]
     DuplicateAgent(AgentId),
@@ -54,20 +114,24 @@ pub enum InitError {
 
 /// What `init` wrote.
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct InitReport {
     pub controller_config: PathBuf,
+    /// The package's default `controller.toml` was there and was replaced.
+    pub replaced_packaged_default: bool,
     pub agent_configs: Vec<PathBuf>,
     pub ca: PathBuf,
 }
 
 /// The agent configuration `init` writes for `id`: the controller at `listen` (loopback when
-/// it listens on every address), `ca.crt` and the directories beside the file, the egress
-/// proxy on `proxy_port`. `agent add --agent-config` writes the same.
+/// it listens on every address), `ca.crt` beside the file, the directories of `layout`, the
+/// egress proxy on `proxy_port`. `agent add --agent-config` writes the same.
 pub fn agent_config(
     id: &AgentId,
     secret: Secret,
     listen: SocketAddr,
     proxy_port: u16,
+    layout: Layout,
 ) -> AgentConfig {
     let ip = listen.ip();
     let connect_host = if ip.is_unspecified() {
@@ -87,11 +151,7 @@ pub fn agent_config(
             egress: EgressMode::Tunnel,
             git_ca: None,
         },
-        dirs: Dirs {
-            runs: PathBuf::from(format!("agent-{id}/runs")),
-            work: PathBuf::from(format!("agent-{id}/work")),
-            cache: PathBuf::from(format!("agent-{id}/cache")),
-        },
+        dirs: layout.agent_dirs(id),
         link: LinkTiming::default(),
         runtime: Runtime::default(),
         tunnel: Default::default(),
@@ -119,9 +179,16 @@ pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
         return Err(InitError::NoAgents);
     }
     let controller_path = plan.dir.join("controller.toml");
-    if controller_path.exists() {
-        return Err(InitError::Exists(plan.dir.clone()));
-    }
+    let replaced_packaged_default = match std::fs::read(&controller_path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Ok(existing)
+            if plan.layout == Layout::Packaged
+                && existing == PACKAGED_CONTROLLER_CONFIG.as_bytes() =>
+        {
+            true
+        }
+        _ => return Err(InitError::Exists(plan.dir.clone())),
+    };
     let mut seen = std::collections::HashSet::new();
     for a in &plan.agents {
         if !seen.insert(a) {
@@ -172,7 +239,10 @@ pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
             revoked: false,
         });
         let path = plan.dir.join(format!("agent-{id}.toml"));
-        write_agent_config(&path, &agent_config(id, secret, plan.listen, port))?;
+        write_agent_config(
+            &path,
+            &agent_config(id, secret, plan.listen, port, plan.layout),
+        )?;
         agent_configs.push(path);
     }
 
@@ -184,10 +254,10 @@ pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
             heartbeat_ms: 5_000,
         },
         admin: AdminConfig {
-            socket: PathBuf::from("admin.sock"),
+            socket: plan.layout.admin_socket(),
         },
         store: StoreConfig {
-            dir: PathBuf::from("state"),
+            dir: plan.layout.store_dir(),
         },
         egress: EgressConfig {
             allow: plan.egress_allow.clone(),
@@ -207,6 +277,7 @@ pub fn init(plan: &InitPlan) -> Result<InitReport, InitError> {
     write(&controller_path, text.as_bytes(), 0o600)?;
     Ok(InitReport {
         controller_config: controller_path,
+        replaced_packaged_default,
         agent_configs,
         ca: plan.dir.join("ca.crt"),
     })
@@ -221,6 +292,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plan = InitPlan {
             dir: dir.path().join("setup"),
+            layout: Layout::Local,
             agents: vec![AgentId::new("d601").unwrap(), AgentId::new("d518").unwrap()],
             listen: "127.0.0.1:7443".parse().unwrap(),
             proxy_port: 18789,
@@ -244,5 +316,63 @@ mod tests {
             std::fs::read_to_string(&report.agent_configs[1]).unwrap()
         );
         assert!(matches!(init(&plan), Err(InitError::Exists(_))));
+    }
+
+    #[test]
+    fn packaged_layout_replaces_only_the_packages_unchanged_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc-unidesk");
+        std::fs::create_dir_all(&etc).unwrap();
+        let controller_path = etc.join("controller.toml");
+        std::fs::write(&controller_path, PACKAGED_CONTROLLER_CONFIG).unwrap();
+        let plan = InitPlan {
+            dir: etc.clone(),
+            layout: Layout::Packaged,
+            agents: vec![AgentId::new("d601").unwrap()],
+            listen: "0.0.0.0:7443".parse().unwrap(),
+            proxy_port: 18789,
+            egress_allow: vec![],
+        };
+        // Without --packaged the package's default is an existing file like any other.
+        let local = InitPlan {
+            layout: Layout::Local,
+            ..plan.clone()
+        };
+        let err = init(&local).unwrap_err().to_string();
+        assert!(err.contains("refusing to overwrite"), "{err}");
+
+        let report = init(&plan).unwrap();
+        assert!(report.replaced_packaged_default);
+        let text = std::fs::read_to_string(&controller_path).unwrap();
+        let controller = ControllerConfig::load(&controller_path).unwrap();
+        assert_eq!(
+            controller.store.dir,
+            PathBuf::from("/var/lib/unidesk"),
+            "{text}"
+        );
+        assert_eq!(
+            controller.admin.socket,
+            PathBuf::from("/run/unidesk/admin.sock"),
+            "{text}"
+        );
+        assert_eq!(
+            controller.path(&controller.gateway.cert),
+            etc.join("server.crt")
+        );
+        let agent = AgentConfig::load(&report.agent_configs[0]).unwrap();
+        assert_eq!(
+            agent.dirs.runs,
+            PathBuf::from("/var/lib/unidesk-agent/runs")
+        );
+        assert_eq!(
+            agent.dirs.cache,
+            PathBuf::from("/var/lib/unidesk-agent/cache")
+        );
+        assert_eq!(agent.path(&agent.controller.ca), etc.join("ca.crt"));
+
+        // Now the file is the operator's: a second run refuses and leaves it as it is.
+        let err = init(&plan).unwrap_err().to_string();
+        assert!(err.contains("refusing to overwrite"), "{err}");
+        assert_eq!(std::fs::read_to_string(&controller_path).unwrap(), text);
     }
 }

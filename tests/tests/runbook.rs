@@ -1,9 +1,11 @@
-//! `docs/runbook.md` runs as written: every fenced `sh` block, in order, in one `bash` with
-//! `set -euo pipefail`, against the real binaries (installed by the runbook itself into a
-//! temporary bin directory), a real Git server, Docker and Compose. The runbook's `site` block
-//! runs first; the test then sets its sandbox's values for the variables that block defines.
-//! Blocks marked `# needs: package` (dpkg, systemctl) are the packaging test's; every other
-//! block must run, and the test checks what each left behind.
+//! `docs/runbook.md` runs as written: its fenced `sh` blocks, in order, in one `bash` with
+//! `set -euo pipefail`, against a real controller and agent, a real Git server, Docker and
+//! Compose — twice. From the binaries (installed by the runbook itself into a temporary bin
+//! directory) on this machine; and from the Debian packages inside a container booted with
+//! systemd ([`Booted`]), where a step's `# needs: package` block takes the place of its
+//! build block (`dpkg -i`, `systemctl enable --now`, …). The runbook's `site` block runs
+//! first; the test then sets its sandbox's values for the variables that block defines. Every
+//! block runs in one of the two, and the test checks what each left behind.
 #![allow(clippy::disallowed_methods)] // The runbook's shell and `kill` run as processes.
 
 use std::collections::BTreeSet;
@@ -15,12 +17,13 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::support::booted::{Booted, PACKAGES};
 use crate::support::service::{
     ComposeService, SampleRepo, Served, build_image, dockerfile, health, require_docker,
 };
 use crate::support::{bin, free_port, path, wait_for};
 
-/// The marker of blocks the packaging test runs instead.
+/// The marker of a step's block for the packages, which replaces its build block there.
 const NEEDS_PACKAGE: &str = "# needs: package";
 
 /// One fenced `sh` block of the runbook.
@@ -32,6 +35,30 @@ struct Block {
     step: Option<String>,
     needs_package: bool,
     text: String,
+}
+
+/// How the runbook is followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Install {
+    /// From a build, on this machine: the blocks without `# needs: package`.
+    Binaries,
+    /// From the `.deb` packages under systemd: a step's package block where it has one.
+    Packages,
+}
+
+/// The blocks followed for `install`, in order.
+fn followed(all: &[Block], install: Install) -> Vec<&Block> {
+    all.iter()
+        .filter(|b| match install {
+            Install::Binaries => !b.needs_package,
+            Install::Packages => {
+                b.needs_package
+                    || !all
+                        .iter()
+                        .any(|p| p.needs_package && p.step.is_some() && p.step == b.step)
+            }
+        })
+        .collect()
 }
 
 fn runbook_path() -> PathBuf {
@@ -81,10 +108,18 @@ struct Shell {
 }
 
 impl Shell {
+    /// `bash` on this machine, in `dir`.
     fn start(dir: &Path) -> Shell {
-        let mut child = Command::new("bash")
+        let mut bash = Command::new("bash");
+        bash.current_dir(dir);
+        Shell::start_with(bash, dir)
+    }
+
+    /// `bash` started by `command` (a `bash` or an `nsenter … bash`); `dir` must be the
+    /// same path for it and for this test.
+    fn start_with(mut command: Command, dir: &Path) -> Shell {
+        let mut child = command
             .args(["--noprofile", "--norc", "-s"])
-            .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("bash.stderr")).unwrap())
@@ -188,27 +223,45 @@ fn runbook_blocks_are_named_and_package_blocks_marked() {
     let text = std::fs::read_to_string(runbook_path()).unwrap();
     let all = blocks(&text);
     assert!(all.len() >= 10, "{all:#?}");
-    let mut names = BTreeSet::new();
-    for b in all.iter().filter(|b| !b.needs_package) {
-        let step = b
-            .step
-            .clone()
-            .unwrap_or_else(|| panic!("the block at line {} has no `# step: NAME`", b.line));
-        assert!(names.insert(step.clone()), "step {step} named twice");
+    for b in &all {
+        assert!(
+            b.step.is_some(),
+            "the block at line {} has no `# step: NAME`",
+            b.line
+        );
     }
     assert_eq!(
         all[0].step.as_deref(),
         Some("site"),
         "the site block comes first"
     );
+    for install in [Install::Binaries, Install::Packages] {
+        let mut names = BTreeSet::new();
+        for b in followed(&all, install) {
+            let step = b.step.clone().unwrap();
+            assert!(
+                names.insert(step.clone()),
+                "step {step} has two blocks for {install:?} (line {})",
+                b.line
+            );
+        }
+    }
     for b in all.iter().filter(|b| b.needs_package) {
         assert!(
-            b.text.contains("dpkg") || b.text.contains("systemctl"),
+            ["dpkg", "systemctl", "--packaged"]
+                .iter()
+                .any(|w| b.text.contains(w)),
             "a `needs: package` block at line {} that uses no package: {}",
             b.line,
             b.text
         );
     }
+    // Every block is followed by one of the two.
+    let both: BTreeSet<usize> = [Install::Binaries, Install::Packages]
+        .into_iter()
+        .flat_map(|i| followed(&all, i).into_iter().map(|b| b.line))
+        .collect();
+    assert_eq!(both.len(), all.len(), "{all:#?}");
 }
 
 /// The service the runbook deploys: a sample repository on the product's Git server, its
@@ -223,14 +276,15 @@ struct Site {
     deploy_json: PathBuf,
 }
 
-fn site(dir: &Path, agent: &str) -> Site {
+/// `tag` keeps the Compose projects of tests running at once apart.
+fn site(dir: &Path, agent: &str, tag: &str) -> Site {
     require_docker();
     let git_root = dir.join("git");
     std::fs::create_dir_all(&git_root).unwrap();
     let repo = SampleRepo::create(&git_root, "runbook").unwrap();
     let served = Served::start(&git_root);
     let port = free_port();
-    let project = format!("unidesk-test-runbook-{}", std::process::id());
+    let project = format!("unidesk-test-runbook-{tag}-{}", std::process::id());
     let image = format!("{project}-web:latest");
     build_image(&image, &dockerfile(port, "none", ""));
     let compose = ComposeService::up(dir, &project, "web", &image);
@@ -298,50 +352,199 @@ fn stored_events(job_dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Where the test finds, on this machine, what the followed runbook left behind.
+struct View {
+    /// `$UNIDESK_ETC`: controller.toml, the agent configs `init` and `agent add` wrote.
+    etc: PathBuf,
+    /// `$AGENT_ETC`: the node's copy of its agent config.
+    node_etc: PathBuf,
+    /// The controller's job store.
+    jobs: PathBuf,
+    /// Where the install put the two binaries.
+    installed: PathBuf,
+}
+
+/// The variables every install sets to the sandbox's values.
+fn common_sandbox(agent: &str, dir: &Path, site: &Site) -> String {
+    format!(
+        "CONTROLLER_LISTEN='127.0.0.1:{listen}'\n\
+         EGRESS_ALLOW=('127.0.0.1:*' 'localhost:*' 'cidr:127.0.0.0/8')\n\
+         AGENT_ID='{agent}'\n\
+         AGENT_PROXY_PORT='{proxy}'\n\
+         UNIDESK_LOGS='{logs}'\n\
+         DEPLOY_JSON='{deploy}'\n\
+         CATALOG='{catalog}'\n",
+        listen = free_port(),
+        proxy = free_port(),
+        logs = path(&dir.join("logs")),
+        deploy = path(&site.deploy_json),
+        catalog = path(&site.catalog),
+    )
+}
+
 #[test]
 fn every_runbook_command_runs_against_a_real_controller_agent_and_git() {
-    let text = std::fs::read_to_string(runbook_path()).unwrap();
-    let all = blocks(&text);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let agent = "node1";
-    let site = site(dir, agent);
+    let site = site(dir, agent, "bin");
     let build_dir = bin("unidesk-controller").parent().unwrap().to_path_buf();
     bin("unidesk-agent");
     let etc = dir.join("etc");
-    let logs = dir.join("logs");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let _background = Background(logs.clone());
+    let _background = Background(dir.join("logs"));
     // The sandbox's values for the variables of the `site` block.
     let sandbox = format!(
-        "UNIDESK_ETC='{etc}'\n\
-         CONTROLLER_LISTEN='{listen}'\n\
-         EGRESS_ALLOW=('127.0.0.1:*' 'localhost:*' 'cidr:127.0.0.0/8')\n\
-         AGENT_ID='{agent}'\n\
+        "{common}\
+         UNIDESK_ETC='{etc}'\n\
          AGENT_ETC='{node}'\n\
-         AGENT_PROXY_PORT='{proxy}'\n\
          AGENT_RUNS=\"$AGENT_ETC/agent-$AGENT_ID/runs\"\n\
          UNIDESK_BUILD='{build}'\n\
          UNIDESK_BIN='{bin}'\n\
-         UNIDESK_LOGS='{logs}'\n\
-         DEPLOY_JSON='{deploy}'\n\
-         CATALOG='{catalog}'\n\
          CONFIG=\"$UNIDESK_ETC/controller.toml\"\n\
          PATH=\"$UNIDESK_BIN:$PATH\"\n",
+        common = common_sandbox(agent, dir, &site),
         etc = path(&etc),
         node = path(&dir.join("node")),
-        proxy = free_port(),
         build = path(&build_dir),
         bin = path(&dir.join("bin")),
-        logs = path(&logs),
-        deploy = path(&site.deploy_json),
-        catalog = path(&site.catalog),
     );
-    let config = etc.join("controller.toml");
-    let mut shell = Shell::start(dir);
+    let view = View {
+        jobs: etc.join("state/jobs"),
+        node_etc: dir.join("node"),
+        installed: dir.join("bin"),
+        etc,
+    };
+    follow(
+        Install::Binaries,
+        Shell::start(dir),
+        &sandbox,
+        &view,
+        &site,
+        |_, _, _| {},
+    );
+}
+
+#[test]
+fn the_runbook_runs_from_the_packages_under_systemd() {
+    let _only = PACKAGES.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let agent = "node1";
+    let site = site(dir, agent, "deb");
+    // The packages of the binaries the tests run (as the packaging test makes them), in the
+    // directory the runbook's `dpkg -i` runs in.
+    let profile_dir = bin("unidesk-agent").parent().unwrap().to_path_buf();
+    let profile = if profile_dir.ends_with("release") {
+        "release"
+    } else {
+        "dev"
+    };
+    let packaged = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package"))
+        .args(["--profile", profile, "--fast", "--no-build", "--out"])
+        .arg(dir)
+        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
+        .output()
+        .expect("scripts/package");
+    assert!(
+        packaged.status.success(),
+        "scripts/package: {}",
+        String::from_utf8_lossy(&packaged.stderr)
+    );
+
+    let container = Booted::boot(&[dir]);
+    let sandbox = format!(
+        "{common}\
+         UNIDESK_ETC=/etc/unidesk\n\
+         AGENT_ETC=/etc/unidesk\n\
+         AGENT_RUNS=/var/lib/unidesk-agent/runs\n\
+         CONFIG=\"$UNIDESK_ETC/controller.toml\"\n",
+        common = common_sandbox(agent, dir, &site),
+    );
+    let view = View {
+        etc: container.host_path("/etc/unidesk"),
+        node_etc: container.host_path("/etc/unidesk"),
+        jobs: container.host_path("/var/lib/unidesk/jobs"),
+        installed: container.host_path("/usr/bin"),
+    };
+    let shell = Shell::start_with(container.command(dir, "bash"), dir);
+    follow(
+        Install::Packages,
+        shell,
+        &sandbox,
+        &view,
+        &site,
+        |shell, step, _| {
+            // What systemd says of the units, beyond the runbook's own checks.
+            let units = |shell: &mut Shell, name: &str| {
+                shell.run(
+                    name,
+                    "systemctl show unidesk-controller unidesk-agent \
+                     -p Id -p ActiveState -p SubState -p User -p NRestarts -p Type",
+                    Duration::from_secs(30),
+                )
+            };
+            match step {
+                "controller-start" => {
+                    let out = units(shell, "units-controller");
+                    let unit = "unidesk-controller.service";
+                    assert_eq!(unit_state(&out, unit, "ActiveState"), "active", "{out}");
+                    assert_eq!(unit_state(&out, unit, "User"), "unidesk", "{out}");
+                    assert_eq!(unit_state(&out, unit, "Type"), "notify", "{out}");
+                }
+                "agent-install" => {
+                    let out = units(shell, "units-agent");
+                    for (unit, user) in [
+                        ("unidesk-controller.service", "unidesk"),
+                        ("unidesk-agent.service", "unidesk-agent"),
+                    ] {
+                        assert_eq!(unit_state(&out, unit, "ActiveState"), "active", "{out}");
+                        assert_eq!(unit_state(&out, unit, "SubState"), "running", "{out}");
+                        assert_eq!(unit_state(&out, unit, "User"), user, "{out}");
+                        assert_eq!(unit_state(&out, unit, "NRestarts"), "0", "{out}");
+                    }
+                }
+                "stop" => {
+                    let out = units(shell, "units-stopped");
+                    for unit in ["unidesk-controller.service", "unidesk-agent.service"] {
+                        assert_eq!(unit_state(&out, unit, "ActiveState"), "inactive", "{out}");
+                    }
+                }
+                _ => {}
+            }
+        },
+    );
+    drop(container);
+}
+
+/// A property of one unit in `systemctl show` output (units separated by blank lines).
+fn unit_state(show: &str, unit: &str, property: &str) -> String {
+    show.split("\n\n")
+        .find(|section| section.lines().any(|l| l == format!("Id={unit}")))
+        .and_then(|section| {
+            section
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{property}=")))
+        })
+        .unwrap_or_else(|| panic!("no {property} of {unit} in:\n{show}"))
+        .to_string()
+}
+
+/// Follows the runbook's blocks for `install` in `shell`, checking after each step what it left
+/// behind (`view`) and what `extra` checks for that install.
+fn follow(
+    install: Install,
+    mut shell: Shell,
+    sandbox: &str,
+    view: &View,
+    site: &Site,
+    extra: impl Fn(&mut Shell, &str, &str),
+) {
+    let text = std::fs::read_to_string(runbook_path()).unwrap();
+    let all = blocks(&text);
     let mut ran = BTreeSet::new();
     let mut stuck_job = String::new();
-    for block in all.iter().filter(|b| !b.needs_package) {
+    for block in followed(&all, install) {
         let step = block
             .step
             .clone()
@@ -353,16 +556,15 @@ fn every_runbook_command_runs_against_a_real_controller_agent_and_git() {
         };
         if step == "stuck-job" {
             // A job that stays running: a probe echoing more lines than it will ever finish.
-            let out = Command::new(bin("unidesk-controller"))
-                .args(["probe", "--agent", agent, "--echo-lines", "50000000"])
-                .arg("--config")
-                .arg(&config)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{out:?}");
-            let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let out = shell.run(
+                "stuck-probe",
+                "unidesk-controller probe --agent \"$AGENT_ID\" --echo-lines 50000000 \
+                 --config \"$CONFIG\"",
+                limit,
+            );
+            let job: serde_json::Value = serde_json::from_str(&out).unwrap();
             stuck_job = job["jobId"].as_str().unwrap().to_string();
-            let job_dir = etc.join("state/jobs").join(&stuck_job);
+            let job_dir = view.jobs.join(&stuck_job);
             wait_for("the stuck job to run", Duration::from_secs(30), || {
                 (stored_events(&job_dir) > 100).then_some(())
             });
@@ -374,9 +576,10 @@ fn every_runbook_command_runs_against_a_real_controller_agent_and_git() {
         }
         let out = shell.run(&step, &block.text, limit);
         if step == "site" {
-            shell.run("sandbox", &sandbox, limit);
+            shell.run("sandbox", sandbox, limit);
         }
-        check_step(&step, &out, &etc, dir, &site, &stuck_job);
+        check_step(&step, &out, view, site, &stuck_job);
+        extra(&mut shell, &step, &out);
         ran.insert(step);
     }
     let expected: BTreeSet<String> = [
@@ -400,15 +603,16 @@ fn every_runbook_command_runs_against_a_real_controller_agent_and_git() {
     .collect();
     assert_eq!(
         ran, expected,
-        "the runbook's steps and the ones this test checks differ"
+        "the runbook's steps and the ones this test checks differ ({install:?})"
     );
 }
 
 /// What each step must have done, beyond exiting 0.
-fn check_step(step: &str, out: &str, etc: &Path, dir: &Path, site: &Site, stuck_job: &str) {
+fn check_step(step: &str, out: &str, view: &View, site: &Site, stuck_job: &str) {
+    let etc = &view.etc;
     let agent_config = etc.join("agent-node1.toml");
     match step {
-        "controller-install" => assert!(dir.join("bin/unidesk-controller").exists()),
+        "controller-install" => assert!(view.installed.join("unidesk-controller").exists()),
         "controller-init" => {
             assert!(etc.join("controller.toml").exists(), "{out}");
             assert!(
@@ -429,7 +633,7 @@ fn check_step(step: &str, out: &str, etc: &Path, dir: &Path, site: &Site, stuck_
             let controller = std::fs::read_to_string(etc.join("controller.toml")).unwrap();
             assert!(!controller.contains(secret), "{controller}");
         }
-        "agent-install" => assert!(dir.join("bin/unidesk-agent").exists()),
+        "agent-install" => assert!(view.installed.join("unidesk-agent").exists()),
         "agent-verify" => {
             let row = out
                 .lines()
@@ -453,8 +657,7 @@ fn check_step(step: &str, out: &str, etc: &Path, dir: &Path, site: &Site, stuck_
         }
         "stuck-job" => {
             let record: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(etc.join("state/jobs").join(stuck_job).join("job.json"))
-                    .unwrap(),
+                &std::fs::read_to_string(view.jobs.join(stuck_job).join("job.json")).unwrap(),
             )
             .unwrap();
             assert_eq!(record["status"], "cancelled", "{record}");
@@ -470,7 +673,7 @@ fn check_step(step: &str, out: &str, etc: &Path, dir: &Path, site: &Site, stuck_
             let value: serde_json::Value = serde_json::from_str(out).unwrap();
             let secret = value["secret"].as_str().unwrap();
             // The node's copy, which the agent runs with.
-            let node = dir.join("node/agent-node1.toml");
+            let node = view.node_etc.join("agent-node1.toml");
             let written = std::fs::read_to_string(&node).unwrap();
             assert!(
                 written.contains(secret),

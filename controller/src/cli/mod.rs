@@ -114,6 +114,11 @@ pub enum Command {
         /// Egress allowlist entry (repeatable), e.g. `github.com:443` or `cidr:127.0.0.0/8`.
         #[arg(long = "egress-allow")]
         egress_allow: Vec<String>,
+        /// Lay out for the Debian packages' units: state in /var/lib/unidesk, the admin socket
+        /// in /run/unidesk, agents' directories in /var/lib/unidesk-agent; replaces the
+        /// package's default controller.toml while it is unchanged.
+        #[arg(long)]
+        packaged: bool,
     },
     /// Run the gateway, the admin socket and the job store.
     Serve(ConfigArg),
@@ -336,9 +341,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             listen,
             proxy_port,
             egress_allow,
+            packaged,
         } => {
             let report = crate::init::init(&crate::init::InitPlan {
                 dir,
+                layout: crate::init::Layout::packaged(packaged),
                 agents,
                 listen,
                 proxy_port,

@@ -115,6 +115,7 @@ async fn demo(docker: &Docker, dir: &Path, cancel: &CancellationToken) -> Result
     let agent_id = AgentId::new(AGENT).map_err(failed)?;
     crate::init::init(&crate::init::InitPlan {
         dir: setup.clone(),
+        layout: crate::init::Layout::Local,
         agents: vec![agent_id.clone()],
         listen,
         proxy_port: free_port()?,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod booted;
 pub mod daemons;
 pub mod kube_double;
 pub mod registry;
