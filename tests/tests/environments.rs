@@ -688,3 +688,78 @@ fn dev_env_kubectl_dry_run_with_the_agent_offline_is_unreachable() {
     ]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn dev_env_validate_without_a_manifest_checks_the_foundation_config_names() {
+    let setup = Setup::new(&["d601"]);
+    // A repository root: config.json (the project's own) and the foundation manifest at the
+    // path it names.
+    let repo = setup.dir.join("unidesk");
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let config_text = std::fs::read_to_string(project.join("config.json")).unwrap();
+    let config: Value = serde_json::from_str(&config_text).unwrap();
+    let foundation = config["environments"]["dev"]["foundation"]["manifest"]
+        .as_str()
+        .unwrap();
+    let manifest = repo.join(foundation);
+    std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+    std::fs::write(repo.join("config.json"), &config_text).unwrap();
+    let fixture = std::fs::read_to_string(
+        project.join("controller/tests-fixtures/devenv/foundation.k8s.yaml"),
+    )
+    .unwrap();
+    std::fs::write(&manifest, &fixture).unwrap();
+    let catalog = path(&repo.join("config.json"));
+
+    let (code, out, err) = setup.cli(&["dev-env", "validate", "--catalog", &catalog]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["manifest"], path(&manifest), "{report}");
+    assert_eq!(report["objects"], 9, "{report}");
+    assert_eq!(
+        report["allowedObjects"],
+        config["environments"]["dev"]["foundation"]["allowedObjects"]
+    );
+
+    // An object the foundation may not create, in the right namespace: a finding with file,
+    // document, object and rule; exit 2.
+    std::fs::write(
+        &manifest,
+        format!(
+            "{fixture}---\nkind: Service\nmetadata: {{name: backend-core-dev, namespace: \
+             unidesk-dev}}\nspec: {{ports: [{{port: 8080}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = setup.cli(&["dev-env", "validate", "--catalog", &catalog]);
+    assert_eq!(code, 2, "{err}\n{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report["violations"],
+        json!([{
+            "file": path(&manifest),
+            "document": 9,
+            "object": "Service/backend-core-dev#9",
+            "rule": "allowed-object",
+            "detail": report["violations"][0]["detail"],
+        }]),
+        "{report}"
+    );
+    assert!(err.contains("1 dev-env violation"), "{err}");
+
+    // No --manifest and nothing naming a foundation: bad input that says what to pass.
+    let bare = setup.dir.join("no-foundation.json");
+    let mut without = config.clone();
+    without["environments"]["dev"]
+        .as_object_mut()
+        .unwrap()
+        .remove("foundation");
+    std::fs::write(&bare, serde_json::to_vec(&without).unwrap()).unwrap();
+    let (code, _, err) = setup.cli(&["dev-env", "validate", "--catalog", &path(&bare)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("environments.dev.foundation is not set") && err.contains("--manifest"),
+        "{err}"
+    );
+}

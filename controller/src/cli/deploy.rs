@@ -105,16 +105,23 @@ pub struct Desired {
 
 /// Loads `config.json` from `--catalog` or the controller config's `desired.catalog`.
 pub fn load_catalog(config: &ControllerConfig, flag: Option<&Path>) -> Result<Catalog, CliError> {
-    let path: PathBuf = match (flag, &config.desired) {
-        (Some(p), _) => p.to_path_buf(),
-        (None, Some(d)) => config.path(&d.catalog),
-        (None, None) => {
-            return Err(CliError::Input(anyhow!(
-                "no config.json: pass --catalog or set desired.catalog in the controller config"
-            )));
-        }
-    };
-    let parsed = catalog::load(&path).map_err(|e| CliError::Input(e.into()))?;
+    load_catalog_file(&catalog_path(config, flag)?)
+}
+
+/// Where config.json is: `--catalog`, else `desired.catalog` of the controller config.
+pub fn catalog_path(config: &ControllerConfig, flag: Option<&Path>) -> Result<PathBuf, CliError> {
+    match (flag, &config.desired) {
+        (Some(p), _) => Ok(p.to_path_buf()),
+        (None, Some(d)) => Ok(config.path(&d.catalog)),
+        (None, None) => Err(CliError::Input(anyhow!(
+            "no config.json: pass --catalog or set desired.catalog in the controller config"
+        ))),
+    }
+}
+
+/// Loads config.json from `path`, logging its warnings.
+pub fn load_catalog_file(path: &Path) -> Result<Catalog, CliError> {
+    let parsed = catalog::load(path).map_err(|e| CliError::Input(e.into()))?;
     for warning in &parsed.warnings {
         tracing::warn!("{}: {warning}", path.display());
     }

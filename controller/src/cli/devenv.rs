@@ -1,9 +1,11 @@
-//! `dev-env validate [--kubectl-dry-run --agent ID]`: the static dev-environment checks of a
-//! manifest (the pure [`crate::desired::devenv`]), then, when asked and only when they pass,
-//! a server-side `dryRun=All` apply of every object on the agent's node, sent as a typed
-//! query that carries the manifest as data. Nothing is ever applied for real.
+//! `dev-env validate [--manifest PATH] [--catalog PATH] [--kubectl-dry-run --agent ID]`: the
+//! static dev-environment checks of a manifest (the pure [`crate::desired::devenv`]) — without
+//! `--manifest`, of the dev foundation manifest config.json names, against its allowed
+//! objects — then, when asked and only when they pass, a server-side `dryRun=All` apply of
+//! every object on the agent's node, sent as a typed query that carries the manifest as data.
+//! Nothing is ever applied for real.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -14,7 +16,7 @@ use unidesk_protocol::{AgentId, DryRunObject, MAX_DRY_RUN_MANIFEST_BYTES, Query,
 use super::{CliError, jobs, output};
 use crate::admin::AdminRequest;
 use crate::config::ControllerConfig;
-use crate::desired::devenv;
+use crate::desired::{Environment, devenv};
 
 /// How long the agent may take to answer the dry run (it bounds its own work well inside).
 const DRY_RUN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -43,23 +45,89 @@ impl From<DryRunObject> for DryRunLine {
 }
 
 /// Runs `dev-env validate`: prints the report, exit 2 on violations, a dry-run rejection or
-/// unreadable input, 3 when the dry run's agent cannot be asked. `dry_run` is the controller
-/// config and the agent for `--kubectl-dry-run`.
+/// unreadable input, 3 when the dry run's agent cannot be asked. `manifest` is `--manifest`;
+/// without it, `catalog` (config.json) must name the dev foundation manifest. `catalog` also
+/// gives the objects allowed host networking. `dry_run` is the controller config and the
+/// agent for `--kubectl-dry-run`.
 pub(super) async fn validate(
-    manifest: &Path,
+    manifest: Option<&Path>,
+    catalog: Option<&Path>,
     namespace: &str,
     dry_run: Option<(ControllerConfig, AgentId)>,
 ) -> Result<(), CliError> {
+    let dev = match catalog {
+        Some(path) => {
+            let catalog = super::deploy::load_catalog_file(path)?;
+            let dev = catalog
+                .environment(Environment::Dev)
+                .cloned()
+                .ok_or_else(|| {
+                    CliError::Input(anyhow!(
+                        "{}: no environments.dev to validate against",
+                        path.display()
+                    ))
+                })?;
+            Some((path, dev))
+        }
+        None => None,
+    };
+    let (manifest, allowed_objects): (PathBuf, Option<&[String]>) = match (manifest, &dev) {
+        (Some(m), _) => (m.to_path_buf(), None),
+        (None, Some((path, dev))) => {
+            let foundation = dev.foundation.as_ref().ok_or_else(|| {
+                CliError::Input(anyhow!(
+                    "{}: environments.dev.foundation is not set, so there is no foundation                      manifest to check; pass --manifest PATH",
+                    path.display()
+                ))
+            })?;
+            // config.json sits at the repository root; its paths are relative to it.
+            let root = path.parent().unwrap_or_else(|| Path::new("."));
+            (
+                root.join(&foundation.manifest),
+                Some(foundation.allowed_objects.as_slice()),
+            )
+        }
+        (None, None) => {
+            return Err(CliError::Input(anyhow!(
+                "pass --manifest PATH, or --catalog config.json naming environments.dev.foundation"
+            )));
+        }
+    };
+    let manifest = manifest.as_path();
+    let policy = devenv::Policy {
+        namespace,
+        host_network_allowed: dev
+            .as_ref()
+            .map_or(&[], |(_, dev)| dev.host_network_allowed.as_slice()),
+        allowed_objects,
+    };
     let text = std::fs::read_to_string(manifest)
         .map_err(|e| CliError::Input(anyhow!("cannot read {}: {e}", manifest.display())))?;
-    let report = devenv::validate(&text, namespace)
+    let report = devenv::validate(&text, &policy)
         .map_err(|e| CliError::Input(anyhow!("{}: {e}", manifest.display())))?;
+    let file = manifest.display().to_string();
+    let violations: Vec<serde_json::Value> = report
+        .violations
+        .iter()
+        .map(|v| {
+            json!({
+                "file": file,
+                "document": v.document,
+                "object": v.object,
+                "rule": v.rule,
+                "detail": v.detail,
+            })
+        })
+        .collect();
     let mut out = json!({
         "ok": report.ok(),
-        "manifest": manifest.display().to_string(),
+        "manifest": file,
+        "catalog": dev.as_ref().map(|(path, _)| path.display().to_string()),
         "namespace": report.namespace,
+        "allowedObjects": allowed_objects,
+        "hostNetworkAllowed": policy.host_network_allowed,
         "objects": report.objects,
-        "violations": report.violations,
+        "violations": violations,
     });
     if !report.ok() {
         output::json(&out);

@@ -189,9 +189,14 @@ pub enum DevEnvCommand {
     /// Prints `{ok, manifest, objects, violations}` (and `dryRun` with --kubectl-dry-run);
     /// exit 2 on any violation or dry-run rejection, 3 when the agent cannot be asked.
     Validate {
-        /// The multi-document YAML manifest to check.
+        /// The multi-document YAML manifest to check. Without it: the dev foundation manifest
+        /// config.json names (`environments.dev.foundation`), against its allowed objects.
         #[arg(long)]
-        manifest: PathBuf,
+        manifest: Option<PathBuf>,
+        /// config.json, for the objects allowed host networking and the dev foundation
+        /// (default without --manifest: `desired.catalog` of the controller config).
+        #[arg(long)]
+        catalog: Option<PathBuf>,
         /// The dev namespace every object must be in.
         #[arg(long, default_value = crate::desired::devenv::DEV_NAMESPACE)]
         namespace: String,
@@ -446,6 +451,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::DevEnv(DevEnvCommand::Validate {
             manifest,
+            catalog,
             namespace,
             kubectl_dry_run,
             agent,
@@ -455,7 +461,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 (true, Some(agent)) => Some((config.load()?, agent)),
                 _ => None,
             };
-            devenv::validate(&manifest, &namespace, dry_run).await
+            // The controller config is read only when it is needed to find config.json.
+            let catalog = match (catalog, &manifest) {
+                (Some(path), _) => Some(path),
+                (None, Some(_)) => None,
+                (None, None) => Some(deploy::catalog_path(&config.load()?, None)?),
+            };
+            devenv::validate(manifest.as_deref(), catalog.as_deref(), &namespace, dry_run).await
         }
         Command::DevEnv(DevEnvCommand::PrewarmImages {
             config,

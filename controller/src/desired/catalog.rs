@@ -77,7 +77,10 @@ const ENVIRONMENT_FIELDS: &[&str] = &[
     "providerIdentity",
     "applyServices",
     "deployments",
+    "foundation",
+    "hostNetworkAllowed",
 ];
+const FOUNDATION_FIELDS: &[&str] = &["manifest", "allowedObjects"];
 
 /// A `config.json` that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -360,6 +363,21 @@ pub struct EnvironmentConfig {
     pub apply_services: Vec<String>,
     /// Per-service deployment used in this environment instead of the base one.
     pub deployments: BTreeMap<String, Deployment>,
+    /// The environment's foundation manifest (namespace, database, runtime config), which
+    /// `dev-env validate` checks when no `--manifest` is given.
+    pub foundation: Option<Foundation>,
+    /// `Kind/name` of the objects allowed host networking in this environment's manifests.
+    pub host_network_allowed: Vec<String>,
+}
+
+/// `environments.<env>.foundation`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Foundation {
+    /// Path of the manifest, relative to the directory of `config.json` (the repository root).
+    pub manifest: String,
+    /// `Kind/name` of every object the manifest may create; anything else is a finding.
+    pub allowed_objects: Vec<String>,
 }
 
 /// A validated `config.json`.
@@ -956,13 +974,70 @@ fn parse_environment(
             apply_services.push(id.to_owned());
         }
     }
+    let foundation = match fields.optional("foundation") {
+        None => None,
+        Some(at) => {
+            let f = at.object(FOUNDATION_FIELDS)?;
+            let manifest_at = f.required("manifest")?;
+            let manifest = manifest_at.non_empty_str()?;
+            document::check_repo_path(manifest)
+                .map_err(|why| manifest_at.invalid(manifest, why))?;
+            let allowed_objects = object_refs(f.required("allowedObjects")?)?;
+            if allowed_objects.is_empty() {
+                return Err(f
+                    .required("allowedObjects")?
+                    .invalid("[]", "a foundation manifest must be allowed some object")
+                    .into());
+            }
+            Some(Foundation {
+                manifest: manifest.to_owned(),
+                allowed_objects,
+            })
+        }
+    };
+    let host_network_allowed = match fields.optional("hostNetworkAllowed") {
+        None => Vec::new(),
+        Some(at) => object_refs(at)?,
+    };
     Ok(EnvironmentConfig {
         namespace: namespace.to_owned(),
         database_fingerprint,
         provider_identity,
         apply_services,
         deployments,
+        foundation,
+        host_network_allowed,
     })
+}
+
+/// A list of `Kind/name` object references, each well-formed and listed once.
+fn object_refs(at: &Cursor<'_>) -> Result<Vec<String>, CatalogError> {
+    let mut refs: Vec<String> = Vec::new();
+    for item in at.array()? {
+        let value = item.non_empty_str()?;
+        let well_formed = value.split_once('/').is_some_and(|(kind, name)| {
+            kind.starts_with(|c: char| c.is_ascii_uppercase())
+                && kind.chars().all(|c| c.is_ascii_alphanumeric())
+                && !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        });
+        if !well_formed {
+            return Err(item
+                .invalid(
+                    value,
+                    "expected Kind/name, e.g. ConfigMap/unidesk-dev-runtime-config",
+                )
+                .into());
+        }
+        if refs.iter().any(|r| r == value) {
+            return Err(item.invalid(value, "listed twice").into());
+        }
+        refs.push(value.to_owned());
+    }
+    Ok(refs)
 }
 
 #[cfg(test)]
@@ -1327,6 +1402,71 @@ mod tests {
                 }),
                 "environments.dev.deployments.api.k8s.namespace",
                 "environments.dev deployments must use namespace unidesk-dev",
+            ),
+            (
+                "foundation manifest escaping the repository",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/environments/dev",
+                        "foundation",
+                        json!({"manifest": "../foundation.yaml", "allowedObjects": ["Namespace/unidesk-dev"]}),
+                    )
+                }),
+                "environments.dev.foundation.manifest",
+                "\"../foundation.yaml\"",
+            ),
+            (
+                "foundation allowed object without a kind",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/environments/dev",
+                        "foundation",
+                        json!({"manifest": "k3s/dev/foundation.yaml", "allowedObjects": ["Namespace/unidesk-dev", "postgres-dev"]}),
+                    )
+                }),
+                "environments.dev.foundation.allowedObjects[1]",
+                "expected Kind/name",
+            ),
+            (
+                "foundation with no allowed object",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/environments/dev",
+                        "foundation",
+                        json!({"manifest": "k3s/dev/foundation.yaml", "allowedObjects": []}),
+                    )
+                }),
+                "environments.dev.foundation.allowedObjects",
+                "must be allowed some object",
+            ),
+            (
+                "foundation unknown field",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/environments/dev",
+                        "foundation",
+                        json!({"manifest": "k3s/dev/foundation.yaml", "allowedObjects": ["Namespace/unidesk-dev"], "namespaces": ["unidesk"]}),
+                    )
+                }),
+                "environments.dev.foundation.namespaces",
+                "unknown field",
+            ),
+            (
+                "host network allowance listed twice",
+                Box::new(|v| {
+                    insert(
+                        v,
+                        "/environments/dev",
+                        "hostNetworkAllowed",
+                        json!(["Deployment/egress-proxy-dev", "Deployment/egress-proxy-dev"]),
+                    )
+                }),
+                "environments.dev.hostNetworkAllowed[1]",
+                "listed twice",
             ),
             (
                 "dev deployment on compose",

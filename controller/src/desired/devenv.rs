@@ -18,7 +18,14 @@
 //!
 //! - [`RULE_DATABASE_URL`]: no production-looking literal `DATABASE_URL` (container env,
 //!   or a `ConfigMap`/`Secret` key of that name).
+//! - [`RULE_SERVICE_URL`]: no other `*_URL` value (`CORE_INTERNAL_URL`, …) that points at
+//!   the production namespace, the production database or the production egress gateway.
+//! - [`RULE_ALLOWED_OBJECT`]: with an allowed-object list (a foundation manifest's, from
+//!   config), every object is on it.
 //! - [`RULE_OBJECT`]: a document that is not a Kubernetes object (no `kind` or name).
+//!
+//! Host networking is allowed to the objects config lists by name
+//! ([`Policy::host_network_allowed`]).
 //!
 //! Malformed YAML is not a violation but a [`DevEnvError`] naming the document index.
 
@@ -38,11 +45,41 @@ pub const DEV_NAMESPACE: &str = "unidesk-dev";
 pub const DEV_DATABASE: &str = "unidesk_dev";
 /// The production namespace's service domain; a dev URL must never contain it.
 const PROD_SERVICE_DOMAIN: &str = ".unidesk.svc";
+/// The production namespace, as the last label of a short service host (`backend-core.unidesk`).
+const PROD_NAMESPACE: &str = "unidesk";
+/// The production TCP egress gateway (the seed: dev must not use it).
+const PROD_EGRESS_GATEWAY: &str = "d601-tcp-egress-gateway";
 
 /// Rule: no production-looking `DATABASE_URL`.
 pub const RULE_DATABASE_URL: &str = "database-url";
 /// Rule: every document is a Kubernetes object with a kind and a name.
 pub const RULE_OBJECT: &str = "object";
+/// Rule: no service URL pointing at production.
+pub const RULE_SERVICE_URL: &str = "service-url";
+/// Rule: only the objects a foundation manifest is allowed to create.
+pub const RULE_ALLOWED_OBJECT: &str = "allowed-object";
+
+/// What a manifest is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    /// The namespace every namespaced object must sit in.
+    pub namespace: &'a str,
+    /// `Kind/name` of the objects allowed host networking.
+    pub host_network_allowed: &'a [String],
+    /// When set, the only `Kind/name` objects the manifest may hold.
+    pub allowed_objects: Option<&'a [String]>,
+}
+
+impl<'a> Policy<'a> {
+    /// The rules for `namespace` alone: no host networking for anyone, any object.
+    pub fn namespace(namespace: &'a str) -> Policy<'a> {
+        Policy {
+            namespace,
+            host_network_allowed: &[],
+            allowed_objects: None,
+        }
+    }
+}
 
 /// A manifest that cannot be read as YAML.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -55,6 +92,8 @@ pub enum DevEnvError {
 /// One broken rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
+    /// The YAML document the object is in (0-based, in stream order).
+    pub document: usize,
     /// `Kind/name#document`, e.g. `Service/frontend-dev#2`.
     pub object: String,
     /// One of the `RULE_*` names.
@@ -82,9 +121,9 @@ impl Report {
 }
 
 /// Checks multi-document Kubernetes YAML against the dev-environment rules.
-pub fn validate(yaml_text: &str, namespace: &str) -> Result<Report, DevEnvError> {
+pub fn validate(yaml_text: &str, policy: &Policy<'_>) -> Result<Report, DevEnvError> {
     let mut report = Report {
-        namespace: namespace.to_owned(),
+        namespace: policy.namespace.to_owned(),
         objects: 0,
         violations: Vec::new(),
     };
@@ -98,10 +137,10 @@ pub fn validate(yaml_text: &str, namespace: &str) -> Result<Report, DevEnvError>
             Value::Object(_) if kind_of(&value) == Some("List") => {
                 let items = value.get("items").and_then(Value::as_array);
                 for item in items.into_iter().flatten() {
-                    check_object(item, index, namespace, &mut report);
+                    check_object(item, index, policy, &mut report);
                 }
             }
-            other => check_object(&other, index, namespace, &mut report),
+            other => check_object(&other, index, policy, &mut report),
         }
     }
     Ok(report)
@@ -111,7 +150,7 @@ fn kind_of(value: &Value) -> Option<&str> {
     value.get("kind").and_then(Value::as_str)
 }
 
-fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Report) {
+fn check_object(object: &Value, index: usize, policy: &Policy<'_>, report: &mut Report) {
     report.objects += 1;
     let kind = kind_of(object);
     let metadata = object.get("metadata");
@@ -123,21 +162,38 @@ fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Repo
     );
     let mut flag = |rule: &'static str, detail: String| {
         report.violations.push(Violation {
+            document: index,
             object: label.clone(),
             rule,
             detail,
         });
     };
-    let (Some(kind), Some(_)) = (kind, name) else {
+    let (Some(kind), Some(name)) = (kind, name) else {
         flag(
             RULE_OBJECT,
             "not a Kubernetes object: kind and metadata.name are required".into(),
         );
         return;
     };
+    let reference = format!("{kind}/{name}");
+    if let Some(allowed) = policy.allowed_objects
+        && !allowed.contains(&reference)
+    {
+        flag(
+            RULE_ALLOWED_OBJECT,
+            format!(
+                "{reference} is not one of the objects this manifest may create ({})",
+                allowed.join(", ")
+            ),
+        );
+    }
 
-    // Placement and exposure: the shared guard.
-    for violation in manifest::guard(object, namespace) {
+    // Placement and exposure: the shared guard; host networking where config allows it.
+    let host_network_ok = policy.host_network_allowed.contains(&reference);
+    for violation in manifest::guard(object, policy.namespace) {
+        if violation.rule == RULE_HOST_NETWORK && host_network_ok {
+            continue;
+        }
         flag(violation.rule, violation.detail);
     }
 
@@ -148,15 +204,11 @@ fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Repo
             if kind == "Secret" && section == "data" {
                 continue;
             }
-            let url = object
-                .get(section)
-                .and_then(|d| d.get("DATABASE_URL"))
-                .and_then(Value::as_str);
-            if let Some(reason) = url.and_then(production_database_url) {
-                flag(
-                    RULE_DATABASE_URL,
-                    format!("{section}.DATABASE_URL {reason}"),
-                );
+            let entries = object.get(section).and_then(Value::as_object);
+            for (key, value) in entries.into_iter().flatten() {
+                if let Some((rule, reason)) = value.as_str().and_then(|v| production_url(key, v)) {
+                    flag(rule, format!("{section}.{key} {reason}"));
+                }
             }
         }
     }
@@ -168,18 +220,55 @@ fn check_object(object: &Value, index: usize, namespace: &str, report: &mut Repo
     for (list, cname, container) in manifest::containers(pod) {
         let env = container.get("env").and_then(Value::as_array);
         for var in env.into_iter().flatten() {
-            if var.get("name").and_then(Value::as_str) != Some("DATABASE_URL") {
+            let Some(key) = var.get("name").and_then(Value::as_str) else {
                 continue;
-            }
+            };
             let value = var.get("value").and_then(Value::as_str);
-            if let Some(reason) = value.and_then(production_database_url) {
-                flag(
-                    RULE_DATABASE_URL,
-                    format!("{path}.{list}[{cname}] env DATABASE_URL {reason}"),
-                );
+            if let Some((rule, reason)) = value.and_then(|v| production_url(key, v)) {
+                flag(rule, format!("{path}.{list}[{cname}] env {key} {reason}"));
             }
         }
     }
+}
+
+/// The rule a literal `key: value` breaks, and why: `DATABASE_URL` must name the dev
+/// database on a dev host; any other `*_URL` must not point at the production namespace,
+/// the production database or the production egress gateway.
+fn production_url(key: &str, value: &str) -> Option<(&'static str, String)> {
+    if key == "DATABASE_URL" {
+        return production_database_url(value).map(|why| (RULE_DATABASE_URL, why));
+    }
+    if !key.ends_with("_URL") {
+        return None;
+    }
+    production_service_url(value).map(|why| (RULE_SERVICE_URL, why))
+}
+
+/// Why a service URL points at production, or `None`.
+fn production_service_url(url: &str) -> Option<String> {
+    if url.contains(PROD_SERVICE_DOMAIN) {
+        return Some(format!(
+            "names the production namespace ({PROD_SERVICE_DOMAIN})"
+        ));
+    }
+    if url.contains(PROD_EGRESS_GATEWAY) {
+        return Some(format!(
+            "names the production egress gateway {PROD_EGRESS_GATEWAY}"
+        ));
+    }
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = host_port.split(':').next().unwrap_or("");
+    if host.rsplit('.').next() == Some(PROD_NAMESPACE) && host.contains('.') {
+        return Some(format!(
+            "names host {host:?} in the production namespace {PROD_NAMESPACE:?}"
+        ));
+    }
+    if scheme.starts_with("postgres") {
+        return production_database_url(url);
+    }
+    None
 }
 
 /// Why a literal `DATABASE_URL` looks like production, or `None` when it names the dev
@@ -223,7 +312,7 @@ mod tests {
     const MALFORMED: &str = include_str!("../../tests-fixtures/devenv/malformed.k8s.yaml");
 
     fn run(text: &str) -> Report {
-        validate(text, DEV_NAMESPACE).expect("fixture parses")
+        validate(text, &Policy::namespace(DEV_NAMESPACE)).expect("fixture parses")
     }
 
     /// (object, rule) pairs, in order.
@@ -259,7 +348,7 @@ mod tests {
         assert!(report.violations[2].detail.contains("missing"));
         // The same objects pass when the namespace asked for is theirs... except the ones
         // that are not in it at all.
-        let prod = validate(WRONG_NAMESPACE, "unidesk").unwrap();
+        let prod = validate(WRONG_NAMESPACE, &Policy::namespace("unidesk")).unwrap();
         assert_eq!(
             pairs(&prod),
             [
@@ -352,7 +441,7 @@ mod tests {
 
     #[test]
     fn devenv_malformed_yaml_names_the_document() {
-        let err = validate(MALFORMED, DEV_NAMESPACE).unwrap_err();
+        let err = validate(MALFORMED, &Policy::namespace(DEV_NAMESPACE)).unwrap_err();
         let DevEnvError::Malformed { document, .. } = &err;
         assert_eq!(*document, 1);
         assert!(err.to_string().starts_with("document 1: malformed YAML"));
@@ -371,6 +460,137 @@ mod tests {
             ]
         );
         assert_eq!(report.objects, 2);
+    }
+
+    const FOUNDATION: &str = include_str!("../../tests-fixtures/devenv/foundation.k8s.yaml");
+
+    /// The project's own config.json's dev environment.
+    fn project_dev() -> crate::desired::catalog::EnvironmentConfig {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.json");
+        let catalog = crate::desired::catalog::load(&path).unwrap().catalog;
+        catalog
+            .environment(crate::desired::Environment::Dev)
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn devenv_foundation_passes_with_the_projects_allowed_objects_and_flags_any_other() {
+        let dev = project_dev();
+        let foundation = dev
+            .foundation
+            .as_ref()
+            .expect("config.json names the foundation");
+        assert!(
+            foundation
+                .manifest
+                .ends_with("unidesk-dev-foundation.k8s.yaml")
+        );
+        let policy = Policy {
+            namespace: &dev.namespace,
+            host_network_allowed: &dev.host_network_allowed,
+            allowed_objects: Some(&foundation.allowed_objects),
+        };
+        let report = validate(FOUNDATION, &policy).unwrap();
+        assert_eq!(report.violations, [], "the seed's foundation passes");
+        assert_eq!(report.objects, foundation.allowed_objects.len());
+
+        // A Deployment in the right namespace is still not the foundation's to create.
+        let more = format!(
+            "{FOUNDATION}---\nkind: Deployment\nmetadata: {{name: backend-core-dev, namespace: \
+             unidesk-dev}}\nspec: {{template: {{spec: {{containers: [{{name: c}}]}}}}}}\n"
+        );
+        let report = validate(&more, &policy).unwrap();
+        assert_eq!(
+            pairs(&report),
+            [("Deployment/backend-core-dev#9", RULE_ALLOWED_OBJECT)]
+        );
+        assert_eq!(report.violations[0].document, 9);
+        assert!(
+            report.violations[0]
+                .detail
+                .contains("Deployment/backend-core-dev is not one of the objects"),
+            "{}",
+            report.violations[0].detail
+        );
+        // Without the list (an explicit --manifest) any object in the namespace passes.
+        assert!(
+            validate(&more, &Policy::namespace(DEV_NAMESPACE))
+                .unwrap()
+                .ok()
+        );
+    }
+
+    #[test]
+    fn devenv_host_network_only_for_objects_config_allows() {
+        let allowed = vec!["CronJob/dev-cleanup".to_string()];
+        let policy = Policy {
+            namespace: DEV_NAMESPACE,
+            host_network_allowed: &allowed,
+            allowed_objects: None,
+        };
+        assert!(validate(HOST_NETWORK, &policy).unwrap().ok());
+        let other = vec!["CronJob/another".to_string()];
+        let policy = Policy {
+            host_network_allowed: &other,
+            ..policy
+        };
+        assert_eq!(
+            pairs(&validate(HOST_NETWORK, &policy).unwrap()),
+            [("CronJob/dev-cleanup#0", RULE_HOST_NETWORK)]
+        );
+    }
+
+    #[test]
+    fn devenv_service_urls_pointing_at_production_are_flagged() {
+        for (value, why) in [
+            (
+                "http://backend-core.unidesk.svc.cluster.local:8080",
+                ".unidesk.svc",
+            ),
+            (
+                "http://backend-core.unidesk:8080",
+                "production namespace \"unidesk\"",
+            ),
+            (
+                "http://d601-tcp-egress-gateway.unidesk-dev:3128",
+                "egress gateway",
+            ),
+            ("postgres://u@postgres:5432/unidesk", "\"postgres\""),
+        ] {
+            let text = format!(
+                "kind: Deployment\nmetadata: {{name: frontend-dev, namespace: unidesk-dev}}\n\
+                 spec: {{template: {{spec: {{containers: [{{name: web, env: \
+                 [{{name: CORE_INTERNAL_URL, value: '{value}'}}]}}]}}}}}}\n"
+            );
+            let report = run(&text);
+            assert_eq!(
+                pairs(&report),
+                [("Deployment/frontend-dev#0", RULE_SERVICE_URL)],
+                "{value}"
+            );
+            let detail = &report.violations[0].detail;
+            assert!(detail.contains("env CORE_INTERNAL_URL"), "{detail}");
+            assert!(detail.contains(why), "{value}: {detail}");
+        }
+        for fine in [
+            "http://backend-core-dev.unidesk-dev.svc.cluster.local:8080",
+            "http://backend-core-dev:8080",
+            "https://github.com/unidesk",
+        ] {
+            assert_eq!(production_service_url(fine), None, "{fine}");
+        }
+        // In a ConfigMap too; names other than *_URL are not URLs to judge.
+        let text = "kind: ConfigMap\nmetadata: {name: c, namespace: unidesk-dev}\n\
+                    data: {PROVIDER_URL: 'http://provider-ingress.unidesk:8081', \
+                    NOTE: 'see http://backend-core.unidesk:8080'}\n";
+        let report = run(text);
+        assert_eq!(pairs(&report), [("ConfigMap/c#0", RULE_SERVICE_URL)]);
+        assert!(
+            report.violations[0]
+                .detail
+                .starts_with("data.PROVIDER_URL ")
+        );
     }
 
     #[test]
