@@ -367,17 +367,7 @@ async fn session(
             }
             frame = link.incoming.recv() => {
                 let Some(frame) = frame else { continue };
-                if let ControllerFrame::Query { query_id, query } = frame {
-                    // A query may take seconds (Docker, the API server); it is answered
-                    // beside the loop so pings, acks, cancels and launches are not held up.
-                    let (executor, outgoing) = (executor.clone(), link.outgoing.clone());
-                    tokio::spawn(async move {
-                        let reply = answer(query, &executor).await;
-                        let _ = outgoing.send(AgentFrame::Reply { query_id, reply }).await;
-                    });
-                    continue;
-                }
-                if let Some(answer) = handle(frame, executor).await {
+                if let Some(answer) = handle(frame, executor, &link.outgoing).await {
                     let _ = link.outgoing.send(answer).await;
                 }
             }
@@ -386,7 +376,12 @@ async fn session(
     tracing::warn!(reason, "link to controller ended");
 }
 
-async fn handle(frame: ControllerFrame, executor: &Arc<Executor>) -> Option<AgentFrame> {
+/// One frame from the controller; what to answer at once, if anything.
+async fn handle(
+    frame: ControllerFrame,
+    executor: &Arc<Executor>,
+    outgoing: &tokio::sync::mpsc::Sender<AgentFrame>,
+) -> Option<AgentFrame> {
     match frame {
         ControllerFrame::Ping { nonce } => Some(AgentFrame::Pong { nonce }),
         ControllerFrame::Launch(launch) => Some(executor.offer(launch)),
@@ -398,8 +393,16 @@ async fn handle(frame: ControllerFrame, executor: &Arc<Executor>) -> Option<Agen
             executor.events.ack(&launch_id, seq);
             None
         }
-        // Answered by the session loop in a task of its own.
-        ControllerFrame::Query { .. } => None,
+        ControllerFrame::Query { query_id, query } => {
+            // A query may take seconds (Docker, the API server); it is answered beside the
+            // session loop so pings, acks, cancels and launches are not held up.
+            let (executor, outgoing) = (executor.clone(), outgoing.clone());
+            tokio::spawn(async move {
+                let reply = answer(query, &executor).await;
+                let _ = outgoing.send(AgentFrame::Reply { query_id, reply }).await;
+            });
+            None
+        }
         ControllerFrame::Welcome(_) => {
             tracing::warn!("ignoring a second Welcome");
             None

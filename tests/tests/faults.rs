@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::daemons::{PrivateContainerd, PrivateDockerd, TmpfsMount, run, unique};
+use crate::support::daemons::{PrivateContainerd, PrivateDockerd, TmpfsMount, run};
 use crate::support::service::{
     BASE_IMAGE, ComposeService, SampleRepo, Served, build_image, dockerfile, health, require_docker,
 };
+use crate::support::unique_name;
 use crate::support::{Relay, Setup, free_port, path, started_steps, wait_for};
 
 /// Statuses a job can no longer leave.
@@ -229,7 +230,7 @@ impl Site {
         let repo = SampleRepo::create(&git_root, name).unwrap();
         let served = Served::start(&git_root);
         let port = free_port();
-        let uid = unique(name);
+        let uid = unique_name(name);
         let project = format!("unidesk-faults-{name}-{}", std::process::id());
         let image = format!("{project}-web:latest");
         let service_id = format!("{name}-svc");
@@ -461,7 +462,7 @@ impl ImportSite {
         });
         // A layer unique to this run (so nothing is already in containerd), then `mib` MiB of
         // random bytes.
-        let id = unique("unidesk-faults-big");
+        let id = unique_name("unidesk-faults-big");
         let big = format!("{id}:v1");
         build_image(
             &big,

@@ -15,9 +15,9 @@ use unidesk_agent::launch::containerd::{Containerd, ContainerdError, normalize};
 use unidesk_agent::launch::steplog::StepLog;
 use unidesk_protocol::Step;
 
-use crate::support::Setup;
 use crate::support::registry::Registry;
 use crate::support::service::{BASE_IMAGE, build_image, require_docker};
+use crate::support::{Setup, unique_name};
 
 const SOCKET: &str = "/run/k3s/containerd/containerd.sock";
 const NAMESPACE: &str = "k8s.io";
@@ -64,14 +64,6 @@ fn docker(args: &[&str]) -> String {
 }
 
 /// A name no other test (or earlier run) uses.
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
-
 fn fake_commit(seed: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(seed.as_bytes()))[..40].to_string()
@@ -166,7 +158,7 @@ fn ctr_check_row(name: &str) -> String {
 fn docker_image_is_streamed_into_containerd_unpacked_runnable_and_pinned() {
     require_docker();
     require_containerd();
-    let id = unique("unidesk-import-t1");
+    let id = unique_name("unidesk-import-t1");
     let tag = format!("{id}:v1");
     let commit = fake_commit(&id);
     // Layers: the health file; then a file, its removal and the same file again, so the third
@@ -246,7 +238,7 @@ fn docker_image_is_streamed_into_containerd_unpacked_runnable_and_pinned() {
         "run",
         "--rm",
         &name,
-        &unique("unidesk-import-run"),
+        &unique_name("unidesk-import-run"),
         "cat",
         "/www/health",
     ]);
@@ -297,7 +289,7 @@ fn docker_image_is_streamed_into_containerd_unpacked_runnable_and_pinned() {
 fn cancelled_import_leaves_no_image_record() {
     require_docker();
     require_containerd();
-    let id = unique("unidesk-import-cancel");
+    let id = unique_name("unidesk-import-cancel");
     let tag = format!("{id}:v1");
     // Incompressible layers large enough that the import is still streaming when cancelled.
     build_image(
@@ -349,7 +341,7 @@ fn pause_image_is_pulled_through_the_tunnel_and_judged_by_its_entrypoint() {
     require_docker();
     require_containerd();
     let registry = Registry::start();
-    let id = unique("unidesk-pause");
+    let id = unique_name("unidesk-pause");
     let fake_local = format!("{id}-fake:build");
     let good_local = format!("{id}-good:build");
     build_image(

@@ -16,15 +16,6 @@ use super::{Proc, wait_for};
 /// namespace, so nothing collides with the shared dockerd's `moby` namespace).
 const SHARED_CONTAINERD: &str = "/run/containerd/containerd.sock";
 
-/// A name no other test (or earlier run) uses.
-pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
-
 /// Runs a program and returns (success, stdout, stderr).
 pub fn run(program: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(program)
@@ -98,7 +89,7 @@ impl PrivateDockerd {
             .tempdir_in("/tmp")
             .expect("temp dir");
         let socket = dir.path().join("docker.sock");
-        let namespace = unique("faults-dockerd");
+        let namespace = super::unique_name("faults-dockerd");
         let mut me = PrivateDockerd {
             dir,
             socket,

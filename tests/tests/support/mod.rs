@@ -281,6 +281,17 @@ fn unique() -> String {
     format!("{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A name for something a test creates outside its temporary directory (an image, a
+/// namespace, a daemon's state): `<prefix>-<pid>-<nanoseconds><n>`, apart from every other
+/// test of this run and, by the clock, from what an earlier run with the same pid left.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{nanos:x}{}", std::process::id(), unique())
+}
+
 /// A TCP relay on loopback whose connections can all be cut at once.
 pub struct Relay {
     pub addr: SocketAddr,
