@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use unidesk_link::{Mode, Opener};
-use unidesk_protocol::tunnel::{TunnelOpen, TunnelReply, decode_header, encode_header, header_len};
+use unidesk_protocol::tunnel::{TunnelOpen, TunnelReply, encode_header};
 use unidesk_protocol::{AgentFrame, ControllerFrame, Hello, Query, Reply, Secret, Welcome, Wire};
 
 use crate::config::AgentConfig;
@@ -104,20 +104,7 @@ impl TunnelOpener for CurrentTunnel {
                 .write_all(&header)
                 .await
                 .map_err(|e| down(e.to_string()))?;
-            let answer = async {
-                let mut prefix = [0u8; 2];
-                stream
-                    .read_exact(&mut prefix)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let len = header_len(prefix).map_err(|e| e.to_string())?;
-                let mut body = vec![0u8; len];
-                stream
-                    .read_exact(&mut body)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                decode_header::<TunnelReply>(&body).map_err(|e| e.to_string())
-            };
+            let answer = unidesk_link::read_tunnel_header::<TunnelReply, _>(&mut stream);
             let reply = tokio::time::timeout(Duration::from_secs(30), answer)
                 .await
                 .map_err(|_| {

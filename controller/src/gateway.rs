@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use unidesk_link::{Closed, LinkConfig, Mode, TunnelStream};
-use unidesk_protocol::tunnel::{TunnelOpen, TunnelReply, decode_header, encode_header, header_len};
+use unidesk_protocol::tunnel::{TunnelOpen, TunnelReply, encode_header};
 use unidesk_protocol::{
     AgentFrame, ControllerFrame, Event, Hello, PROTOCOL_VERSION, Welcome, Wire,
 };
@@ -356,20 +356,7 @@ async fn tunnel_stream(
     agent: unidesk_protocol::AgentId,
     mut stream: TunnelStream,
 ) {
-    let open = async {
-        let mut prefix = [0u8; 2];
-        stream
-            .read_exact(&mut prefix)
-            .await
-            .map_err(|e| e.to_string())?;
-        let len = header_len(prefix).map_err(|e| e.to_string())?;
-        let mut body = vec![0u8; len];
-        stream
-            .read_exact(&mut body)
-            .await
-            .map_err(|e| e.to_string())?;
-        decode_header::<TunnelOpen>(&body).map_err(|e| e.to_string())
-    };
+    let open = unidesk_link::read_tunnel_header::<TunnelOpen, _>(&mut stream);
     let open = match tokio::time::timeout(HANDSHAKE_TIMEOUT, open).await {
         Ok(Ok(open)) => open,
         Ok(Err(e)) => {

@@ -498,6 +498,29 @@ async fn write_loop<S, Out>(
     }
 }
 
+/// Reads the length-prefixed header that opens a tunnel stream (a `TunnelOpen` from the agent,
+/// the controller's `TunnelReply`), as `unidesk_protocol::tunnel` frames it. The error says
+/// what failed: the read, the length (bounded before anything is allocated) or the decode.
+pub async fn read_tunnel_header<T, S>(stream: &mut S) -> Result<T, String>
+where
+    T: serde::de::DeserializeOwned,
+    S: AsyncRead + Unpin,
+{
+    use unidesk_protocol::tunnel::{decode_header, header_len};
+    let mut prefix = [0u8; 2];
+    stream
+        .read_exact(&mut prefix)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = header_len(prefix).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    decode_header::<T>(&body).map_err(|e| e.to_string())
+}
+
 /// Close reasons are limited to 123 bytes by the WebSocket protocol.
 pub fn truncate_reason(reason: &str) -> &str {
     let mut end = reason.len().min(123);
