@@ -698,6 +698,13 @@ fn agent_add_rotate_and_revoke_take_effect_without_a_controller_restart() {
         log.contains("closing the session: its credential is no longer accepted"),
         "{log}"
     );
+    // The agent was told why its open session ended (the close frame's reason).
+    let told = agent.log_text();
+    assert!(
+        told.lines().any(|l| l.contains("link to controller ended")
+            && l.contains("agent turn has a revoked credential")),
+        "{told}"
+    );
     drop(agent);
 
     // Enrolled while the controller runs: the written config connects at once.
