@@ -9,9 +9,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::service::{
-    ComposeService, SampleRepo, Served, build_image, dockerfile, health, require_docker,
+    ComposeService, ComposeSpec, SampleRepo, Served, dockerfile, health, require_docker,
+    serve_previous_version, write_manifest,
 };
-use crate::support::{Proc, Setup, free_port, path, started_steps, wait_for};
+use crate::support::{Proc, Setup, free_port, path, started_steps};
 
 /// One service under test: its repository, its Compose project, its agent and controller.
 struct Fixture {
@@ -41,33 +42,20 @@ impl Fixture {
         let project = format!("unidesk-test-{name}-{}", std::process::id());
         let image = format!("{project}-web:latest");
         // The previous version: an image with its own CMD and a health file naming no commit.
-        build_image(&image, &dockerfile(port, "none", ""));
-        let compose = ComposeService::up(&setup.dir, &project, "web", &image);
-        wait_for(
-            "the first container to serve",
-            Duration::from_secs(20),
-            || health(port).filter(|b| b.contains("none")),
-        );
+        let compose =
+            serve_previous_version(&setup.dir, &project, &image, port, Duration::from_secs(20));
         let service_id = format!("{name}-svc");
         let catalog = setup.dir.join("config.json");
-        let config = json!({
-            "microservices": [{
-                "id": service_id,
-                "repository": { "url": served.server.url(&format!("{name}.git")) },
-                "deployment": {
-                    "mode": "unidesk-direct",
-                    "node": "node",
-                    "dockerfile": "Dockerfile",
-                    "context": ".",
-                    "image": image,
-                    "buildTimeoutMs": 300000,
-                    "healthUrl": format!("http://127.0.0.1:{port}/health"),
-                    "compose": { "project": project, "service": "web" }
-                }
-            }],
-            "nodes": { "node": { "agent": "node", "egress": "tunnel" } }
-        });
-        std::fs::write(&catalog, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        ComposeSpec {
+            id: &service_id,
+            repo_url: &served.server.url(&format!("{name}.git")),
+            node: "node",
+            image: &image,
+            project: &project,
+            port,
+            build_timeout_ms: 300_000,
+        }
+        .write_catalog(&catalog);
         Fixture {
             setup,
             _controller: controller,
@@ -103,11 +91,7 @@ impl Fixture {
             "{}",
             self.repo.path.file_name().unwrap().to_string_lossy()
         ));
-        let doc = json!({
-            "schemaVersion": 1,
-            "services": [{ "id": self.service_id, "repo": url, "commitId": commit }]
-        });
-        std::fs::write(&manifest, serde_json::to_vec(&doc).unwrap()).unwrap();
+        write_manifest(&manifest, &self.service_id, &url, commit);
         let mut args = vec![
             "deploy".to_string(),
             "apply".into(),

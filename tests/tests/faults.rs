@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 
 use crate::support::daemons::{PrivateContainerd, PrivateDockerd, TmpfsMount, run};
 use crate::support::service::{
-    BASE_IMAGE, ComposeService, SampleRepo, Served, build_image, dockerfile, health, require_docker,
+    BASE_IMAGE, ComposeService, ComposeSpec, SampleRepo, Served, build_image, dockerfile, health,
+    require_docker, serve_previous_version, write_manifest,
 };
 use crate::support::unique_name;
 use crate::support::{Relay, Setup, free_port, path, started_steps, wait_for};
@@ -235,24 +236,16 @@ impl Site {
         let image = format!("{project}-web:latest");
         let service_id = format!("{name}-svc");
         let catalog = setup.dir.join("config.json");
-        let config = json!({
-            "microservices": [{
-                "id": service_id,
-                "repository": { "url": served.server.url(&format!("{name}.git")) },
-                "deployment": {
-                    "mode": "unidesk-direct",
-                    "node": "node",
-                    "dockerfile": "Dockerfile",
-                    "context": ".",
-                    "image": image,
-                    "buildTimeoutMs": build_timeout_ms,
-                    "healthUrl": format!("http://127.0.0.1:{port}/health"),
-                    "compose": { "project": project, "service": "web" }
-                }
-            }],
-            "nodes": { "node": { "agent": "node", "egress": "tunnel" } }
-        });
-        std::fs::write(&catalog, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        ComposeSpec {
+            id: &service_id,
+            repo_url: &served.server.url(&format!("{name}.git")),
+            node: "node",
+            image: &image,
+            project: &project,
+            port,
+            build_timeout_ms,
+        }
+        .write_catalog(&catalog);
         Site {
             setup,
             repo,
@@ -269,9 +262,13 @@ impl Site {
     /// The previous version on the shared Docker, started by docker-compose; it reports
     /// commit `none`.
     fn old_service(&self) -> OldService {
-        build_image(&self.image, &dockerfile(self.port, "none", ""));
-        let compose = ComposeService::up(&self.setup.dir, &self.project, "web", &self.image);
-        self.wait_old_healthy();
+        let compose = serve_previous_version(
+            &self.setup.dir,
+            &self.project,
+            &self.image,
+            self.port,
+            Duration::from_secs(30),
+        );
         OldService(compose, self.image.clone())
     }
 
@@ -307,11 +304,7 @@ impl Site {
             "{}",
             self.repo.path.file_name().unwrap().to_string_lossy()
         ));
-        let doc = json!({
-            "schemaVersion": 1,
-            "services": [{ "id": self.service_id, "repo": url, "commitId": commit }]
-        });
-        std::fs::write(&manifest, serde_json::to_vec(&doc).unwrap()).unwrap();
+        write_manifest(&manifest, &self.service_id, &url, commit);
         manifest
     }
 

@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 
 use crate::support::kube_double::{KubeApiDouble, Scenario};
 use crate::support::registry::Registry;
-use crate::support::service::{SampleRepo, Served, build_image, dockerfile, require_docker};
+use crate::support::service::{
+    SampleRepo, Served, build_image, dockerfile, require_docker, write_manifest,
+};
 use crate::support::{Proc, Setup, free_port, path, started_steps, wait_for};
 
 const K3S_SOCK: &str = "/run/k3s/containerd/containerd.sock";
@@ -242,11 +244,7 @@ impl Fixture {
             "{}",
             self.repo.path.file_name().unwrap().to_string_lossy()
         ));
-        let doc = json!({
-            "schemaVersion": 1,
-            "services": [{ "id": self.service_id, "repo": url, "commitId": commit }]
-        });
-        std::fs::write(&manifest, serde_json::to_vec(&doc).unwrap()).unwrap();
+        write_manifest(&manifest, &self.service_id, &url, commit);
         let args: Vec<String> = vec![
             "deploy".into(),
             "apply".into(),

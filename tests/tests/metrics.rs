@@ -12,12 +12,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use unidesk_agent::metrics::sample as value;
 
 use crate::support::registry::Registry;
 use crate::support::service::{
-    ComposeService, SampleRepo, Served, build_image, dockerfile, health, require_docker,
+    ComposeSpec, SampleRepo, Served, build_image, dockerfile, health, require_docker,
+    serve_previous_version,
 };
 use crate::support::{Proc, Setup, free_port, path, wait_for};
 
@@ -213,13 +214,8 @@ fn metrics_endpoints_show_live_values_after_a_deploy() {
     let port = free_port();
     let project = format!("unidesk-test-{uid}");
     let image = format!("{project}-web:latest");
-    build_image(&image, &dockerfile(port, "none", ""));
-    let _compose = ComposeService::up(&setup.dir, &project, "web", &image);
-    wait_for(
-        "the first container to serve",
-        Duration::from_secs(20),
-        || health(port).filter(|b| b.contains("none")),
-    );
+    let _compose =
+        serve_previous_version(&setup.dir, &project, &image, port, Duration::from_secs(20));
     let commit = repo
         .commit(
             "version A",
@@ -230,35 +226,19 @@ fn metrics_endpoints_show_live_values_after_a_deploy() {
         )
         .unwrap()
         .to_string();
+    let spec = ComposeSpec {
+        id: "metered-svc",
+        repo_url: &served.server.url("metered.git"),
+        node: "node",
+        image: &image,
+        project: &project,
+        port,
+        build_timeout_ms: 300_000,
+    };
     let catalog = setup.dir.join("config.json");
-    let catalog_doc = json!({
-        "microservices": [{
-            "id": "metered-svc",
-            "repository": { "url": served.server.url("metered.git") },
-            "deployment": {
-                "mode": "unidesk-direct",
-                "node": "node",
-                "dockerfile": "Dockerfile",
-                "context": ".",
-                "image": image,
-                "buildTimeoutMs": 300000,
-                "healthUrl": format!("http://127.0.0.1:{port}/health"),
-                "compose": { "project": project, "service": "web" }
-            }
-        }],
-        "nodes": { "node": { "agent": "node", "egress": "tunnel" } }
-    });
-    std::fs::write(&catalog, serde_json::to_vec_pretty(&catalog_doc).unwrap()).unwrap();
+    spec.write_catalog(&catalog);
     let manifest = setup.dir.join("deploy.json");
-    let doc = json!({
-        "schemaVersion": 1,
-        "services": [{
-            "id": "metered-svc",
-            "repo": served.server.url("metered.git"),
-            "commitId": commit
-        }]
-    });
-    std::fs::write(&manifest, serde_json::to_vec(&doc).unwrap()).unwrap();
+    spec.write_manifest(&manifest, &commit);
     let (code, out, err) = setup.cli(&[
         "deploy",
         "apply",

@@ -15,11 +15,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::support::booted::{Booted, PACKAGES};
 use crate::support::service::{
-    ComposeService, SampleRepo, Served, build_image, dockerfile, health, require_docker,
+    ComposeService, ComposeSpec, SampleRepo, Served, dockerfile, health, require_docker,
+    serve_previous_version,
 };
 use crate::support::{bin, free_port, path, wait_for};
 
@@ -286,13 +285,7 @@ fn site(dir: &Path, agent: &str, tag: &str) -> Site {
     let port = free_port();
     let project = format!("unidesk-test-runbook-{tag}-{}", std::process::id());
     let image = format!("{project}-web:latest");
-    build_image(&image, &dockerfile(port, "none", ""));
-    let compose = ComposeService::up(dir, &project, "web", &image);
-    wait_for(
-        "the first container to serve",
-        Duration::from_secs(20),
-        || health(port).filter(|b| b.contains("none")),
-    );
+    let compose = serve_previous_version(dir, &project, &image, port, Duration::from_secs(20));
     let commit = repo
         .commit(
             "runbook version",
@@ -306,35 +299,19 @@ fn site(dir: &Path, agent: &str, tag: &str) -> Site {
         )
         .unwrap()
         .to_string();
+    let spec = ComposeSpec {
+        id: "runbook-web",
+        repo_url: &served.server.url("runbook.git"),
+        node: agent,
+        image: &image,
+        project: &project,
+        port,
+        build_timeout_ms: 300_000,
+    };
     let catalog = dir.join("config.json");
-    let config = json!({
-        "microservices": [{
-            "id": "runbook-web",
-            "repository": { "url": served.server.url("runbook.git") },
-            "deployment": {
-                "mode": "unidesk-direct",
-                "node": agent,
-                "dockerfile": "Dockerfile",
-                "context": ".",
-                "image": image,
-                "buildTimeoutMs": 300000,
-                "healthUrl": format!("http://127.0.0.1:{port}/health"),
-                "compose": { "project": project, "service": "web" }
-            }
-        }],
-        "nodes": { agent: { "agent": agent, "egress": "tunnel" } }
-    });
-    std::fs::write(&catalog, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    spec.write_catalog(&catalog);
     let deploy_json = dir.join("deploy.json");
-    let doc = json!({
-        "schemaVersion": 1,
-        "services": [{
-            "id": "runbook-web",
-            "repo": served.server.url("runbook.git"),
-            "commitId": commit,
-        }]
-    });
-    std::fs::write(&deploy_json, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    spec.write_manifest(&deploy_json, &commit);
     Site {
         _repo: repo,
         _served: served,

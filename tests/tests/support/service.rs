@@ -198,3 +198,72 @@ pub fn build_image(tag: &str, dockerfile: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One Compose service (`unidesk-direct`) the deploy tests deploy: its config.json entry on
+/// agent `node` and the deploy.json that asks for a commit of it.
+pub struct ComposeSpec<'a> {
+    pub id: &'a str,
+    pub repo_url: &'a str,
+    pub node: &'a str,
+    pub image: &'a str,
+    pub project: &'a str,
+    /// The port its `/health` answers on.
+    pub port: u16,
+    pub build_timeout_ms: u64,
+}
+
+impl ComposeSpec<'_> {
+    /// Writes a config.json holding this service (Compose service `web`) and its node,
+    /// egress through the tunnel.
+    pub fn write_catalog(&self, path: &Path) {
+        let config = serde_json::json!({
+            "microservices": [{
+                "id": self.id,
+                "repository": { "url": self.repo_url },
+                "deployment": {
+                    "mode": "unidesk-direct",
+                    "node": self.node,
+                    "dockerfile": "Dockerfile",
+                    "context": ".",
+                    "image": self.image,
+                    "buildTimeoutMs": self.build_timeout_ms,
+                    "healthUrl": format!("http://127.0.0.1:{}/health", self.port),
+                    "compose": { "project": self.project, "service": "web" }
+                }
+            }],
+            "nodes": { self.node: { "agent": self.node, "egress": "tunnel" } }
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    }
+
+    /// Writes a schema-1 deploy.json asking for `commit` of this service.
+    pub fn write_manifest(&self, path: &Path, commit: &str) {
+        write_manifest(path, self.id, self.repo_url, commit);
+    }
+}
+
+/// Writes a schema-1 deploy.json asking for `commit` of service `id` from `repo_url`.
+pub fn write_manifest(path: &Path, id: &str, repo_url: &str, commit: &str) {
+    let doc = serde_json::json!({
+        "schemaVersion": 1,
+        "services": [{ "id": id, "repo": repo_url, "commitId": commit }]
+    });
+    std::fs::write(path, serde_json::to_vec(&doc).unwrap()).unwrap();
+}
+
+/// The version a deploy replaces: `image` built to report commit `none` on `port`, started
+/// by docker-compose as service `web` of `project`, serving within `limit`.
+pub fn serve_previous_version(
+    dir: &Path,
+    project: &str,
+    image: &str,
+    port: u16,
+    limit: std::time::Duration,
+) -> ComposeService {
+    build_image(image, &dockerfile(port, "none", ""));
+    let compose = ComposeService::up(dir, project, "web", image);
+    crate::support::wait_for("the previous version to serve", limit, || {
+        health(port).filter(|b| b.contains("none"))
+    });
+    compose
+}
