@@ -276,6 +276,33 @@ fn origin_form_head(
     head
 }
 
+/// Asserts what every head [`parse_head`] accepts must satisfy: bounded by the input and
+/// [`MAX_HEAD`], a usable port and a non-empty host within DNS's length, and a forwarded head
+/// that is itself a complete origin-form request ending the exchange (`Connection: close`).
+/// The property tests below and the `proxy_request` fuzz target (which compiles this file
+/// with `--cfg fuzzing`) both check through it.
+#[cfg(any(test, fuzzing))]
+pub fn assert_parse_invariants(data: &[u8]) {
+    let Ok(Some((request, len))) = parse_head(data) else {
+        return;
+    };
+    assert!(len <= data.len() && len <= MAX_HEAD, "head length {len}");
+    match request {
+        ProxyRequest::Connect { host, port } => {
+            assert!(port != 0 && !host.is_empty() && host.len() <= MAX_HOST);
+        }
+        ProxyRequest::Forward { host, port, head } => {
+            assert!(port != 0 && !host.is_empty() && host.len() <= MAX_HOST);
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+            let mut again = httparse::Request::new(&mut headers);
+            let status = again.parse(&head).expect("the forwarded head parses");
+            assert_eq!(status, httparse::Status::Complete(head.len()));
+            assert!(again.path.is_some_and(|p| p.starts_with('/')));
+            assert!(head.ends_with(b"Connection: close\r\n\r\n"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -462,7 +489,7 @@ mod tests {
         /// origin-form request.
         #[test]
         fn arbitrary_heads_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            check_invariants(&data);
+            assert_parse_invariants(&data);
         }
 
         #[test]
@@ -472,27 +499,7 @@ mod tests {
             headers in proptest::collection::vec("[A-Za-z-]{1,8}: [ -~]{0,16}", 0..4),
         ) {
             let head = format!("{method} {target} HTTP/1.1\r\n{}\r\n", headers.iter().map(|h| format!("{h}\r\n")).collect::<String>());
-            check_invariants(head.as_bytes());
-        }
-    }
-
-    fn check_invariants(data: &[u8]) {
-        if let Ok(Some((request, len))) = parse_head(data) {
-            assert!(len <= data.len() && len <= MAX_HEAD);
-            match request {
-                ProxyRequest::Connect { host, port } => {
-                    assert!(port != 0 && !host.is_empty() && host.len() <= MAX_HOST);
-                }
-                ProxyRequest::Forward { host, port, head } => {
-                    assert!(port != 0 && !host.is_empty() && host.len() <= MAX_HOST);
-                    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
-                    let mut again = httparse::Request::new(&mut headers);
-                    let status = again.parse(&head).expect("the forwarded head parses");
-                    assert_eq!(status, httparse::Status::Complete(head.len()));
-                    assert!(again.path.is_some_and(|p| p.starts_with('/')));
-                    assert!(head.ends_with(b"Connection: close\r\n\r\n"));
-                }
-            }
+            assert_parse_invariants(head.as_bytes());
         }
     }
 }
