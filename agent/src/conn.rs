@@ -175,16 +175,7 @@ pub fn tls_config(config: &AgentConfig) -> Result<Arc<rustls::ClientConfig>, Str
     let ca_path = config.path(&config.controller.ca);
     let pem = std::fs::read(&ca_path)
         .map_err(|e| format!("cannot read CA {}: {e}", ca_path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|e| format!("CA {}: {e}", ca_path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("CA {}: {e}", ca_path.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("CA {} holds no certificate", ca_path.display()));
-    }
+    let roots = crate::pem::roots(&pem).map_err(|e| format!("CA {}: {e}", ca_path.display()))?;
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

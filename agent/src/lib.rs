@@ -11,5 +11,6 @@ pub mod logging;
 pub mod manual;
 pub mod metrics;
 pub mod notify;
+pub mod pem;
 pub mod rundir;
 pub mod service;

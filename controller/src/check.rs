@@ -198,17 +198,9 @@ fn gateway_name(listen: SocketAddr) -> String {
 /// server certificate for the gateway's name. Without one there is nothing to check.
 pub fn ca_item(ca: &Path, cert: &Path, name: &str) -> CheckItem {
     use rustls::client::danger::ServerCertVerifier;
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    let read_certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, String> {
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let certs = rustls_pemfile::certs(&mut bytes.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("{} holds no certificate", path.display()));
-        }
-        Ok(certs)
+    use rustls::pki_types::{ServerName, UnixTime};
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
     };
     if !ca.exists() {
         return CheckItem::pass(
@@ -221,14 +213,10 @@ pub fn ca_item(ca: &Path, cert: &Path, name: &str) -> CheckItem {
         );
     }
     let verdict = (|| {
-        let roots = read_certs(ca)?;
-        let mut store = rustls::RootCertStore::empty();
-        for root in roots {
-            store
-                .add(root)
-                .map_err(|e| format!("{} is not a usable CA certificate: {e}", ca.display()))?;
-        }
-        let chain = read_certs(cert)?;
+        let store =
+            unidesk_agent::pem::roots(&read(ca)?).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let chain = unidesk_agent::pem::certificates(&read(cert)?)
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
         let (leaf, intermediates) = chain
             .split_first()
             .ok_or_else(|| format!("{} holds no certificate", cert.display()))?;

@@ -206,18 +206,12 @@ struct Site {
 }
 
 fn tls_acceptor(tls: &GitTls) -> Result<tokio_rustls::TlsAcceptor, GitServeError> {
-    let certs = rustls_pemfile::certs(&mut tls.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| GitServeError::Tls {
+    let certs = unidesk_agent::pem::certificates(tls.cert_pem.as_bytes()).map_err(|why| {
+        GitServeError::Tls {
             what: "certificate",
-            why: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(GitServeError::Tls {
-            what: "certificate",
-            why: "the PEM holds no CERTIFICATE block".into(),
-        });
-    }
+            why,
+        }
+    })?;
     let key = rustls_pemfile::private_key(&mut tls.key_pem.as_bytes())
         .map_err(|e| GitServeError::Tls {
             what: "key",

@@ -28,7 +28,6 @@ use git2::{
 };
 use ignore::Match;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
-use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -1159,20 +1158,7 @@ fn mirror_name(url: &str) -> String {
 
 /// A verifier trusting exactly the certificates in `pem`.
 fn ca_verifier(pem: &[u8]) -> Result<Arc<WebPkiServerVerifier>> {
-    let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &pem[..]) {
-        let cert = cert.map_err(|err| MaterializeError::ExtraCa {
-            reason: format!("reading PEM: {err}"),
-        })?;
-        roots.add(cert).map_err(|err| MaterializeError::ExtraCa {
-            reason: format!("adding a certificate: {err}"),
-        })?;
-    }
-    if roots.is_empty() {
-        return Err(MaterializeError::ExtraCa {
-            reason: "the PEM holds no CERTIFICATE block".to_owned(),
-        });
-    }
+    let roots = crate::pem::roots(pem).map_err(|reason| MaterializeError::ExtraCa { reason })?;
     WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(rustls::crypto::ring::default_provider()),
