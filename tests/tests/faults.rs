@@ -1196,10 +1196,14 @@ fn two_hundred_launches_across_two_agents_all_finish_while_the_controller_answer
                     agents_max = agents_max.max(t.elapsed());
                     assert_eq!(agents.as_array().map(Vec::len), Some(2), "{agents}");
                     if known.is_none() {
+                        // A job's directory exists a moment before its record is
+                        // written; ask only about a job whose record is there.
                         known = std::fs::read_dir(setup.dir.join("state/jobs"))
                             .ok()
-                            .and_then(|mut d| d.next())
-                            .and_then(|e| e.ok())
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|e| e.ok())
+                            .find(|e| e.path().join("job.json").is_file())
                             .map(|e| e.file_name().to_string_lossy().into_owned());
                     }
                     if let Some(id) = &known {
