@@ -87,21 +87,33 @@ pub enum AdminError {
 }
 
 /// Binds the admin socket with mode 0600, replacing a stale socket file.
+///
+/// The socket is bound under a temporary name, given mode 0600 and then renamed into
+/// place, so at its real path it is never reachable with the umask's looser mode.
 pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
-    let bind_err = |source| AdminError::Bind {
-        path: path.to_path_buf(),
-        source,
+    let bind_err = |at: &Path| {
+        let at = at.to_path_buf();
+        move |source| AdminError::Bind { path: at, source }
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(bind_err)?;
+        std::fs::create_dir_all(dir).map_err(bind_err(path))?;
     }
-    match std::fs::remove_file(path) {
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(".new");
+    let staged = PathBuf::from(staged);
+    match std::fs::remove_file(&staged) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
+        Err(e) => return Err(bind_err(&staged)(e)),
     }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let listener = UnixListener::bind(&staged).map_err(bind_err(&staged))?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .map_err(bind_err(&staged))
+        .and_then(|()| std::fs::rename(&staged, path).map_err(bind_err(path)));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
     Ok(listener)
 }
 
@@ -224,4 +236,36 @@ pub async fn request(
         (true, data, _) => Ok(data.unwrap_or(serde_json::Value::Null)),
         (false, _, error) => Err(error.unwrap_or_else(|| "unknown error".into())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_and_places_it_0600_with_nothing_left_beside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        std::fs::write(&path, b"stale").unwrap();
+        std::fs::write(dir.path().join("admin.sock.new"), b"left by a crash").unwrap();
+        let _listener = bind(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["admin.sock"]);
+        UnixStream::connect(&path).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_names_the_path_it_could_not_use() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        let path = dir.path().join("file/admin.sock");
+        let err = bind(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
 }
