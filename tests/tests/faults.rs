@@ -412,6 +412,7 @@ const PAUSE_REF: &str = "faults.local/unidesk-pause:3.6";
 /// enough that streaming it into containerd takes seconds.
 struct ImportSite {
     containerd: PrivateContainerd,
+    pause: String,
     big: String,
     big_name: String,
 }
@@ -421,9 +422,9 @@ impl ImportSite {
         require_docker();
         let containerd = PrivateContainerd::start();
         // The pause image, imported in-process the way the agent imports (entrypoint /pause).
-        let pause = "unidesk-test-faults-pause:v1";
+        let pause = format!("{}:v1", unique_name("unidesk-test-faults-pause"));
         build_image(
-            pause,
+            &pause,
             &format!("FROM {BASE_IMAGE}\nRUN cp /bin/busybox /pause\nENTRYPOINT [\"/pause\"]\n"),
         );
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -443,7 +444,7 @@ impl ImportSite {
                 Duration::from_secs(120),
                 cd.import_from_docker(
                     &docker,
-                    pause,
+                    &pause,
                     &[name],
                     &log,
                     &tokio_util::sync::CancellationToken::new(),
@@ -467,6 +468,7 @@ impl ImportSite {
         let big_name = unidesk_agent::launch::containerd::normalize(&big).unwrap();
         ImportSite {
             containerd,
+            pause,
             big,
             big_name,
         }
@@ -531,7 +533,7 @@ impl ImportSite {
 
 impl Drop for ImportSite {
     fn drop(&mut self) {
-        let _ = run("docker", &["rmi", "-f", &self.big]);
+        let _ = run("docker", &["rmi", "-f", &self.big, &self.pause]);
     }
 }
 
@@ -539,7 +541,7 @@ impl Drop for ImportSite {
 #[test]
 fn a_cut_connection_mid_import_loses_no_event() {
     let started = Instant::now();
-    let site = ImportSite::new(96);
+    let site = ImportSite::new(192);
     let setup = Setup::new(&["node"]);
     let _controller = setup.controller();
     let relay = Relay::start(setup.gateway);
@@ -764,7 +766,7 @@ fn docker_killed_mid_build_fails_naming_docker_and_keeps_the_old_service() {
 #[test]
 fn containerd_killed_mid_import_fails_naming_it_and_records_no_half_image() {
     let started = Instant::now();
-    let mut site = ImportSite::new(96);
+    let mut site = ImportSite::new(192);
     let setup = Setup::new(&["node"]);
     let _controller = setup.controller();
     let _agent = setup.agent_with(&agent_config(
@@ -1010,7 +1012,8 @@ fn a_stalled_controller_bounds_the_agent_backlog_and_memory_and_loses_nothing() 
     );
     let agent = setup.agent_with(&config);
     setup.wait_agents(&["slow"]);
-    let lines = 30_000u32;
+    // Seconds of stream, so the stop lands long before the last line.
+    let lines = 100_000u32;
     let job = setup.cli_json(&[
         "probe",
         "--agent",
@@ -1089,7 +1092,9 @@ fn a_stalled_controller_bounds_the_agent_backlog_and_memory_and_loses_nothing() 
 fn a_hanging_build_is_stopped_at_its_deadline_and_says_so() {
     let started = Instant::now();
     require_docker();
-    let site = Site::new("hang", 4_000);
+    // Long enough for the steps before the hanging one on a loaded machine (a cold build of
+    // them takes ~3 s here), so the deadline lands while the marker step runs.
+    let site = Site::new("hang", 20_000);
     let _controller = site.setup.controller();
     let _agent = site.setup.agent("node");
     site.setup.wait_agents(&["node"]);
@@ -1105,7 +1110,7 @@ fn a_hanging_build_is_stopped_at_its_deadline_and_says_so() {
         .unwrap_or_default()
         .to_string();
     assert!(
-        reason.contains("did not finish within 4s"),
+        reason.contains("did not finish within 20s"),
         "the result says the deadline: {job}"
     );
     let events = exactly_once(&site.setup, &job_id);

@@ -433,8 +433,9 @@ async fn kube_apply_old_pods_still_serving_is_never_complete() {
     )
     .unwrap();
     double.set_scenario(NS, "decision-center", Scenario::OldPodsStillServing);
+    // 5 s at one poll per 500 ms: room for three polls however slow the machine is.
     let (_, rolled, progress) =
-        apply_and_roll(&cluster, &objects, &selection, Duration::from_millis(2500)).await;
+        apply_and_roll(&cluster, &objects, &selection, Duration::from_millis(5000)).await;
     let err = rolled.unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, RolloutError::Deadline { .. }), "{text}");

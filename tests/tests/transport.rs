@@ -192,19 +192,21 @@ fn stored_count(setup: &Setup, job_id: &str) -> usize {
 }
 
 #[test]
-fn ten_thousand_lines_survive_a_cut_connection() {
+fn a_hundred_thousand_lines_survive_a_cut_connection() {
     let setup = Setup::new(&["cut"]);
     let _controller = setup.controller();
     let relay = Relay::start(setup.gateway);
     let _agent = setup.agent_with(&agent_via_relay(&setup, "cut", &relay));
     setup.wait_agents(&["cut"]);
-    let lines = 20_000;
+    // Several seconds of stream at ~20k stored lines/s, so the cut lands mid-stream.
+    let lines = 100_000;
     let job = probe(&setup, "cut", lines, None);
     let job_id = job["jobId"].as_str().unwrap().to_string();
     wait_for("some events stored", Duration::from_secs(30), || {
         (stored_count(&setup, &job_id) > 200).then_some(())
     });
     relay.cut_all();
+    let cut_at = stored_count(&setup, &job_id);
     let done = wait_for(
         "the job to finish after the cut",
         Duration::from_secs(60),
@@ -215,21 +217,22 @@ fn ten_thousand_lines_survive_a_cut_connection() {
     );
     assert!(done["result"].is_object());
     assert!(
-        stored_count(&setup, &job_id) > 200,
-        "the cut happened mid-stream"
+        cut_at < lines as usize,
+        "the cut happened mid-stream ({cut_at} stored)"
     );
     assert_exactly_once(&setup, &job_id, lines);
 }
 
 #[test]
-fn ten_thousand_lines_survive_a_controller_crash() {
+fn a_hundred_thousand_lines_survive_a_controller_crash() {
     let setup = Setup::new(&["crash"]);
     let mut controller = setup.controller();
     let _agent = setup.agent_with(&setup.edit_agent("crash", "agent-crash-fast", |t| {
         t.replace("initial_backoff_ms = 500", "initial_backoff_ms = 100")
     }));
     setup.wait_agents(&["crash"]);
-    let lines = 20_000;
+    // Several seconds of stream at ~20k stored lines/s, so the kill lands mid-stream.
+    let lines = 100_000;
     let job = probe(&setup, "crash", lines, None);
     let job_id = job["jobId"].as_str().unwrap().to_string();
     wait_for("some events stored", Duration::from_secs(30), || {
@@ -264,7 +267,9 @@ fn the_same_launch_delivered_twice_runs_once() {
     let relay = Relay::start(setup.gateway);
     let agent = setup.agent_with(&agent_via_relay(&setup, "twice", &relay));
     setup.wait_agents(&["twice"]);
-    let job = probe(&setup, "twice", 50_000, None);
+    // Several seconds of stream, so the cut lands while the launch is still open.
+    let lines = 150_000;
+    let job = probe(&setup, "twice", lines, None);
     let job_id = job["jobId"].as_str().unwrap().to_string();
     wait_for("the launch to start", Duration::from_secs(30), || {
         (stored_count(&setup, &job_id) > 10).then_some(())
@@ -290,7 +295,7 @@ fn the_same_launch_delivered_twice_runs_once() {
         .filter(|e| e["body"]["StepStarted"].is_object())
         .count();
     assert_eq!(starts, 1, "the probe step ran more than once");
-    assert_exactly_once(&setup, &job_id, 50_000);
+    assert_exactly_once(&setup, &job_id, lines);
 }
 
 fn agent_proxy(setup: &Setup, id: &str) -> std::net::SocketAddr {
@@ -422,11 +427,17 @@ fn probes_complete_while_a_gigabyte_flows_through_the_tunnel() {
 
     let source = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let source_addr = source.local_addr().unwrap();
+    // The source holds back its last chunk until the probes are done, so the transfer is
+    // still running while they run however slow the machine is.
+    let (finish, hold) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         if let Ok((mut peer, _)) = source.accept() {
             let chunk = vec![0x5au8; 256 * 1024];
             let mut sent = 0;
             while sent < TOTAL {
+                if sent + chunk.len() as u64 == TOTAL && hold.recv().is_err() {
+                    return;
+                }
                 if peer.write_all(&chunk).is_err() {
                     return;
                 }
@@ -488,6 +499,7 @@ fn probes_complete_while_a_gigabyte_flows_through_the_tunnel() {
         during < TOTAL,
         "probes completed while the transfer was still running"
     );
+    finish.send(()).unwrap();
     reader.join().unwrap();
     assert_eq!(
         received.load(Ordering::Relaxed),

@@ -34,12 +34,42 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port (bound and released; good enough for tests on one machine).
+/// Ports handed to tests come from below the kernel's ephemeral range (32768 up): the
+/// kernel never picks one of these for another socket between the moment a test is handed
+/// it and the moment its server binds it, and the counter keeps this run's tests apart.
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// `n` consecutive loopback ports, each free when checked, none handed out before in this
+/// run; the start depends on the process id, so two test runs on one machine rarely meet.
+fn free_ports(n: u16) -> u16 {
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(u32::from(n), Ordering::SeqCst) % span;
+        let Some(first) = u16::try_from(offset)
+            .ok()
+            .map(|o| PORTS.start + o)
+            .filter(|f| f + n <= PORTS.end)
+        else {
+            continue;
+        };
+        if (first..first + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return first;
+        }
+    }
+    panic!("no run of {n} free loopback ports in {PORTS:?}")
+}
+
+/// A free loopback port for a server a test starts.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    free_ports(1)
 }
 
 /// A path as a CLI argument.
@@ -81,9 +111,12 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// The process's log so far.
+    /// The process's log so far, complete lines only (a line still being written is left out).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+        text
     }
 
     /// SIGKILL, as a crash would.
@@ -112,7 +145,7 @@ impl Setup {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("setup");
         let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let proxy = free_port_run(agents.len());
+        let proxy = free_ports(agents.len() as u16);
         let out = Command::new(bin("unidesk-controller"))
             .args(["init", "--dir"])
             .arg(&dir)
@@ -163,6 +196,13 @@ impl Setup {
         wait_for("the controller to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(self.gateway).ok()
         });
+        // The admin socket is bound after the gateway; a stale one from a killed
+        // controller refuses, so only an answer says this controller serves it.
+        wait_for(
+            "the controller's admin socket",
+            Duration::from_secs(20),
+            || (self.cli(&["agents"]).0 == 0).then_some(()),
+        );
         proc
     }
 
@@ -259,19 +299,6 @@ impl Setup {
         let path = self.dir.join(format!("{new_name}.toml"));
         std::fs::write(&path, edit(text)).unwrap();
         path
-    }
-}
-
-fn free_port_run(n: usize) -> u16 {
-    // A run of n consecutive free ports for the agents' proxies.
-    loop {
-        let first = free_port();
-        if first.checked_add(n as u16).is_none() {
-            continue;
-        }
-        if (0..n as u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok()) {
-            return first;
-        }
     }
 }
 
