@@ -212,15 +212,8 @@ fn tls_acceptor(tls: &GitTls) -> Result<tokio_rustls::TlsAcceptor, GitServeError
             why,
         }
     })?;
-    let key = rustls_pemfile::private_key(&mut tls.key_pem.as_bytes())
-        .map_err(|e| GitServeError::Tls {
-            what: "key",
-            why: e.to_string(),
-        })?
-        .ok_or_else(|| GitServeError::Tls {
-            what: "key",
-            why: "the PEM holds no private key block".into(),
-        })?;
+    let key = unidesk_agent::pem::private_key(tls.key_pem.as_bytes())
+        .map_err(|why| GitServeError::Tls { what: "key", why })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

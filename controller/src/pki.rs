@@ -17,8 +17,8 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} holds no usable {what}")]
-    Empty { path: String, what: &'static str },
+    #[error("TLS file {path}: {reason}")]
+    Pem { path: String, reason: String },
     #[error("invalid TLS configuration with {path}: {reason}")]
     Config { path: String, reason: String },
 }
@@ -71,27 +71,14 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
             source,
         })
     };
-    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| PkiError::Read {
-            path: cert.display().to_string(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(PkiError::Empty {
-            path: cert.display().to_string(),
-            what: "certificate",
-        });
-    }
-    let key_der = rustls_pemfile::private_key(&mut read(key)?.as_slice())
-        .map_err(|source| PkiError::Read {
-            path: key.display().to_string(),
-            source,
-        })?
-        .ok_or_else(|| PkiError::Empty {
-            path: key.display().to_string(),
-            what: "private key",
-        })?;
+    let certs = unidesk_agent::pem::certificates(&read(cert)?).map_err(|reason| PkiError::Pem {
+        path: cert.display().to_string(),
+        reason,
+    })?;
+    let key_der = unidesk_agent::pem::private_key(&read(key)?).map_err(|reason| PkiError::Pem {
+        path: key.display().to_string(),
+        reason,
+    })?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -117,6 +104,20 @@ mod tests {
         std::fs::write(&k, &pki.server_key_pem).unwrap();
         server_config(&c, &k).unwrap();
         let err = server_config(&k, &k).unwrap_err();
-        assert!(err.to_string().contains("no usable certificate"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "TLS file {}: the PEM holds no CERTIFICATE block",
+                k.display()
+            )
+        );
+        let err = server_config(&c, &c).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "TLS file {}: the PEM holds no private key block",
+                c.display()
+            )
+        );
     }
 }
