@@ -1129,7 +1129,9 @@ fn a_hanging_build_is_stopped_at_its_deadline_and_says_so() {
     );
     assert!(health(site.port).is_some_and(|b| b.contains("none")));
 
-    // The launch deadline itself: a probe that would stream for minutes, given 2 s.
+    // The launch deadline itself: a probe that would stream for minutes, given 5 s (time
+    // enough for the agent to accept it on a loaded machine; the controller ends a launch
+    // not accepted by its deadline with another reason).
     let probe = site.setup.cli_json(&[
         "probe",
         "--agent",
@@ -1137,7 +1139,7 @@ fn a_hanging_build_is_stopped_at_its_deadline_and_says_so() {
         "--echo-lines",
         "50000000",
         "--deadline-ms",
-        "2000",
+        "5000",
     ]);
     let probe_id = probe["jobId"].as_str().unwrap();
     let done = wait_final(&site.setup, probe_id, Duration::from_secs(60));
