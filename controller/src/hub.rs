@@ -280,56 +280,71 @@ impl Hub {
         deadline: Duration,
     ) -> Result<JobRecord, HubError> {
         let now = now_ms();
-        let job_id = new_job_id(now);
-        let run_id = RunId::new(job_id.as_str()).map_err(|e| {
-            HubError::Store(StoreError::Corrupt {
-                path: job_id.as_str().into(),
-                reason: e.to_string(),
-            })
-        })?;
-        let launch = Launch {
-            launch_id: job_id.clone(),
-            run_id: run_id.clone(),
-            deadline_unix_ms: now + u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX / 2),
-            spec,
+        // The connection is looked up and the job registered in one critical section of
+        // `jobs`. A connection registered after the lookup gathers its `redeliveries` under
+        // the same lock, so it finds this job; one registered before it is the one used here.
+        // Otherwise a launch handed to a connection being replaced would reach no one.
+        let (record, tx) = {
+            let mut jobs = lock(&self.jobs);
+            let job_id = loop {
+                let id = new_job_id(now);
+                if !jobs.contains_key(&id) && !self.store.exists(&id) {
+                    break id;
+                }
+            };
+            let run_id = RunId::new(job_id.as_str()).map_err(|e| {
+                HubError::Store(StoreError::Corrupt {
+                    path: job_id.as_str().into(),
+                    reason: e.to_string(),
+                })
+            })?;
+            let launch = Launch {
+                launch_id: job_id.clone(),
+                run_id: run_id.clone(),
+                deadline_unix_ms: now + u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX / 2),
+                spec,
+            };
+            let tx = self.sender(agent);
+            // One durable write: the record says whether the launch goes out now or waits.
+            let record = JobRecord {
+                schema: JOB_SCHEMA,
+                job_id: job_id.clone(),
+                kind: launch.spec.kind(),
+                agent: agent.clone(),
+                run_id,
+                status: if tx.is_some() {
+                    JobStatus::Dispatched
+                } else {
+                    JobStatus::Queued
+                },
+                created_unix_ms: now,
+                updated_unix_ms: now,
+                reason: None,
+                cancel_requested: None,
+                result: None,
+                launch,
+            };
+            self.store.save(&record)?;
+            let (log, _) = self.store.open_events(&job_id)?;
+            jobs.insert(
+                job_id,
+                OpenJob {
+                    record: record.clone(),
+                    inbox: Inbox::default(),
+                    log,
+                    progress: Progress::default(),
+                },
+            );
+            (record, tx)
         };
-        let tx = self.sender(agent);
-        // One durable write: the record says whether the launch goes out now or waits.
-        let record = JobRecord {
-            schema: JOB_SCHEMA,
-            job_id: job_id.clone(),
-            kind: launch.spec.kind(),
-            agent: agent.clone(),
-            run_id,
-            status: if tx.is_some() {
-                JobStatus::Dispatched
-            } else {
-                JobStatus::Queued
-            },
-            created_unix_ms: now,
-            updated_unix_ms: now,
-            reason: None,
-            cancel_requested: None,
-            result: None,
-            launch: launch.clone(),
-        };
-        self.store.save(&record)?;
-        let (log, _) = self.store.open_events(&job_id)?;
-        lock(&self.jobs).insert(
-            job_id.clone(),
-            OpenJob {
-                record: record.clone(),
-                inbox: Inbox::default(),
-                log,
-                progress: Progress::default(),
-            },
-        );
         if let Some(tx) = tx {
             // If the connection drops now, the launch is sent again on reconnect.
-            let _ = tx.send(ControllerFrame::Launch(launch)).await;
+            let _ = tx
+                .send(ControllerFrame::Launch(record.launch.clone()))
+                .await;
         }
-        tracing::info!(job = %job_id, agent = %agent, kind = ?record.kind, "job submitted");
-        let _ = self.changes.send(job_id);
+        tracing::info!(job = %record.job_id, agent = %agent, kind = ?record.kind, "job submitted");
+        let _ = self.changes.send(record.job_id.clone());
         Ok(record)
     }
 
@@ -612,5 +627,74 @@ mod tests {
         let id = new_job_id(1_800_000_000_000);
         assert!(id.as_str().starts_with("job-20270115-"), "{id}");
         RunId::new(id.as_str()).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod reconnect_tests {
+    use super::*;
+    use unidesk_protocol::ProbeSpec;
+
+    fn info(id: &AgentId) -> AgentInfo {
+        AgentInfo {
+            id: id.clone(),
+            version: "test".into(),
+            capabilities: Vec::new(),
+            peer: "127.0.0.1:1".into(),
+            connected_since_unix_ms: now_ms(),
+            last_heard_unix_ms: now_ms(),
+        }
+    }
+
+    fn launched(rx: &mut mpsc::Receiver<ControllerFrame>) -> Vec<LaunchId> {
+        let mut ids = Vec::new();
+        while let Ok(frame) = rx.try_recv() {
+            if let ControllerFrame::Launch(l) = frame {
+                ids.push(l.launch_id);
+            }
+        }
+        ids
+    }
+
+    /// A launch submitted while its agent reconnects reaches the new connection: either
+    /// `submit` finds it, or its `redeliveries` carries the launch. Racing the two many
+    /// times catches a submit that took the old connection but registered its job only
+    /// after the new connection's redeliveries were gathered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_launch_submitted_during_a_reconnect_reaches_the_new_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(JobStore::open(dir.path()).unwrap(), 5_000).unwrap();
+        let agent = AgentId::new("racer").unwrap();
+        let (tx, _old_rx) = mpsc::channel(1024);
+        hub.connect(info(&agent), Arc::default(), tx);
+        let mut missed = Vec::new();
+        for _ in 0..200 {
+            let (tx, mut rx) = mpsc::channel(1024);
+            let reconnect = {
+                let (hub, agent) = (hub.clone(), agent.clone());
+                tokio::spawn(async move {
+                    hub.connect(info(&agent), Arc::default(), tx.clone());
+                    for frame in hub.redeliveries(&agent) {
+                        tx.send(frame).await.unwrap();
+                    }
+                })
+            };
+            let job = hub
+                .submit(
+                    &agent,
+                    LaunchSpec::Probe(ProbeSpec { echo_lines: 1 }),
+                    Duration::from_secs(600),
+                )
+                .await
+                .unwrap();
+            reconnect.await.unwrap();
+            if !launched(&mut rx).contains(&job.job_id) {
+                missed.push(job.job_id);
+            }
+        }
+        assert!(
+            missed.is_empty(),
+            "launches that never reached the current connection: {missed:?}"
+        );
     }
 }

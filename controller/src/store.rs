@@ -133,6 +133,11 @@ impl JobStore {
         self.root.join(job_id.as_str())
     }
 
+    /// Whether anything is stored under this job id (a record, or a directory about to hold one).
+    pub fn exists(&self, job_id: &LaunchId) -> bool {
+        self.job_dir(job_id).exists()
+    }
+
     /// The path of a job's event log.
     pub fn events_path(&self, job_id: &LaunchId) -> PathBuf {
         self.job_dir(job_id).join("events.jsonl")
