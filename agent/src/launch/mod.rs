@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use unidesk_protocol::launches::{LaunchTable, Offer};
 use unidesk_protocol::{
     AgentFrame, Event, EventBody, Launch, LaunchId, LaunchResult, LaunchSpec, LaunchState,
@@ -151,7 +152,10 @@ impl Executor {
                     lock(&self.running).insert(launch.launch_id.clone(), (cancel.clone(), None));
                     let this = self.clone();
                     let launch_id = launch.launch_id.clone();
-                    tokio::spawn(async move { this.run(launch, cancel).await });
+                    // The span follows the task wherever it is polled (a guard held across
+                    // an await would tag other tasks' lines on the same thread instead).
+                    let span = tracing::info_span!("launch", launch_id = %launch_id, run_id = %launch.run_id);
+                    tokio::spawn(async move { this.run(launch, cancel).await }.instrument(span));
                     AgentFrame::Accepted {
                         launch_id,
                         state: LaunchState::Started,
@@ -172,8 +176,6 @@ impl Executor {
 
     async fn run(self: Arc<Self>, launch: Launch, cancel: CancellationToken) {
         let launch_id = launch.launch_id.clone();
-        let span = tracing::info_span!("launch", launch_id = %launch_id, run_id = %launch.run_id);
-        let _enter = span.enter();
         let remaining = launch.deadline_unix_ms.saturating_sub(now_ms());
         let mut outputs = Outputs::default();
         let work = self.execute(&launch, &mut outputs, &cancel);
