@@ -37,11 +37,29 @@ const FINAL: &[&str] = &[
 
 /// Waits until a job's stored record has a final status; the record.
 fn wait_final(setup: &Setup, job_id: &str, limit: Duration) -> Value {
-    wait_for(&format!("job {job_id} to end"), limit, || {
+    let until = Instant::now() + limit;
+    loop {
         let job = setup.job(job_id);
-        let status = job["status"].as_str()?;
-        FINAL.contains(&status).then_some(job)
-    })
+        if job["status"].as_str().is_some_and(|s| FINAL.contains(&s)) {
+            return job;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out after {limit:?} waiting for job {job_id} to end; its record: {job}\n\
+             its last events: {}",
+            tail(&setup.job_events(job_id), 5)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last `n` of `events`, one per line.
+fn tail(events: &[Value], n: usize) -> String {
+    events[events.len().saturating_sub(n)..]
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The stored events of a job, checked: numbered 1..=n with no gap or repeat, and exactly

@@ -139,6 +139,17 @@ pub struct Setup {
     pub gateway: SocketAddr,
 }
 
+/// `UNIDESK_TEST_KEEP=1` keeps a failed test's directory (configs, logs, job store, run
+/// directories) for a post-mortem, and prints where it is.
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("UNIDESK_TEST_KEEP").is_some() {
+            self._dir.disable_cleanup(true);
+            eprintln!("UNIDESK_TEST_KEEP: kept {}", self._dir.path().display());
+        }
+    }
+}
+
 impl Setup {
     /// Runs `unidesk-controller init` for `agents` on free ports, allowing egress to loopback.
     pub fn new(agents: &[&str]) -> Setup {
