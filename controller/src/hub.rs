@@ -286,9 +286,11 @@ impl Hub {
         // Otherwise a launch handed to a connection being replaced would reach no one.
         let (record, tx) = {
             let mut jobs = lock(&self.jobs);
+            // Every open job's record is stored before it is registered, so the store
+            // alone knows every id in use.
             let job_id = loop {
                 let id = new_job_id(now);
-                if !jobs.contains_key(&id) && !self.store.exists(&id) {
+                if !self.store.exists(&id) {
                     break id;
                 }
             };
@@ -628,12 +630,6 @@ mod tests {
         assert!(id.as_str().starts_with("job-20270115-"), "{id}");
         RunId::new(id.as_str()).unwrap();
     }
-}
-
-#[cfg(test)]
-mod reconnect_tests {
-    use super::*;
-    use unidesk_protocol::ProbeSpec;
 
     fn info(id: &AgentId) -> AgentInfo {
         AgentInfo {
@@ -682,7 +678,7 @@ mod reconnect_tests {
             let job = hub
                 .submit(
                     &agent,
-                    LaunchSpec::Probe(ProbeSpec { echo_lines: 1 }),
+                    LaunchSpec::Probe(unidesk_protocol::ProbeSpec { echo_lines: 1 }),
                     Duration::from_secs(600),
                 )
                 .await
