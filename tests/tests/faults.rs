@@ -22,45 +22,7 @@ use crate::support::service::{
     require_docker, serve_previous_version, write_manifest,
 };
 use crate::support::unique_name;
-use crate::support::{Relay, Setup, free_port, path, started_steps, wait_for};
-
-/// Statuses a job can no longer leave.
-const FINAL: &[&str] = &[
-    "succeeded",
-    "noop",
-    "failed",
-    "cancelled",
-    "timed-out",
-    "interrupted",
-    "rejected",
-];
-
-/// Waits until a job's stored record has a final status; the record.
-fn wait_final(setup: &Setup, job_id: &str, limit: Duration) -> Value {
-    let until = Instant::now() + limit;
-    loop {
-        let job = setup.job(job_id);
-        if job["status"].as_str().is_some_and(|s| FINAL.contains(&s)) {
-            return job;
-        }
-        assert!(
-            Instant::now() < until,
-            "timed out after {limit:?} waiting for job {job_id} to end; its record: {job}\n\
-             its last events: {}",
-            tail(&setup.job_events(job_id), 5)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The last `n` of `events`, one per line.
-fn tail(events: &[Value], n: usize) -> String {
-    events[events.len().saturating_sub(n)..]
-        .iter()
-        .map(Value::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+use crate::support::{Relay, Setup, free_port, is_final, path, started_steps, wait_for};
 
 /// The stored events of a job, checked: numbered 1..=n with no gap or repeat, and exactly
 /// one `Finished`, the last.
@@ -175,12 +137,9 @@ fn figures(test: &str, started: Instant, setup: &Setup, extra: Value) {
             stored.iter().filter_map(|e| e["seq"].as_u64()).collect();
         events += stored.len() as u64;
         lost += seqs.last().copied().unwrap_or(0) - seqs.len() as u64;
-        let status = setup.job(&id)["status"]
-            .as_str()
-            .unwrap_or("unreadable")
-            .to_string();
-        if !FINAL.contains(&status.as_str()) {
-            running.push(format!("{id}: {status}"));
+        let job = setup.job(&id);
+        if !is_final(&job) {
+            running.push(format!("{id}: {}", job["status"]));
         }
     }
     assert!(
@@ -404,7 +363,7 @@ fn a_cut_connection_mid_build_loses_no_build_line() {
     site.wait_line(&job_id, "slow build line 5 of", Duration::from_secs(120));
     let at_cut = numbered(&site.setup.job_events(&job_id), "slow build line ");
     relay.cut_all();
-    let job = wait_final(&site.setup, &job_id, Duration::from_secs(180));
+    let job = site.setup.wait_final(&job_id, Duration::from_secs(180));
     assert_eq!(job["status"], "succeeded", "{job}");
     assert!(
         at_cut.len() < n as usize,
@@ -572,7 +531,7 @@ fn a_cut_connection_mid_import_loses_no_event() {
     let before = setup.job_events(&job_id).len();
     let cut_at = unidesk_controller::hub::now_ms();
     relay.cut_all();
-    let job = wait_final(&setup, &job_id, Duration::from_secs(180));
+    let job = setup.wait_final(&job_id, Duration::from_secs(180));
     assert_eq!(job["status"], "succeeded", "{job}");
     let events = exactly_once(&setup, &job_id);
     let import_end = events
@@ -633,7 +592,7 @@ fn an_agent_killed_mid_build_ends_the_job_interrupted() {
     agent.kill();
     let stored_at_kill = site.setup.job_events(&job_id).len();
     let _agent = site.setup.agent_with(&config);
-    let job = wait_final(&site.setup, &job_id, Duration::from_secs(60));
+    let job = site.setup.wait_final(&job_id, Duration::from_secs(60));
     assert_eq!(job["status"], "interrupted", "{job}");
     let reason = job["result"]["error"]
         .as_str()
@@ -738,7 +697,7 @@ fn docker_killed_mid_build_fails_naming_docker_and_keeps_the_old_service() {
     let job_id = site.apply(&commit);
     site.wait_line(&job_id, "doomed build line 3 of", Duration::from_secs(120));
     dockerd.kill();
-    let job = wait_final(&site.setup, &job_id, Duration::from_secs(60));
+    let job = site.setup.wait_final(&job_id, Duration::from_secs(60));
     assert_eq!(job["status"], "failed", "{job}");
     let reason = job["result"]["error"]
         .as_str()
@@ -797,7 +756,7 @@ fn containerd_killed_mid_import_fails_naming_it_and_records_no_half_image() {
     let job_id = ImportSite::prewarm(&setup);
     ImportSite::wait_big_layer_writing(&setup, &job_id);
     site.containerd.kill();
-    let job = wait_final(&setup, &job_id, Duration::from_secs(120));
+    let job = setup.wait_final(&job_id, Duration::from_secs(120));
     assert_eq!(job["status"], "failed", "{job}");
     let reason = job["result"]["error"]
         .as_str()
@@ -861,7 +820,7 @@ fn a_full_run_disk_fails_the_launch_naming_it_and_the_agent_keeps_serving() {
         .or_else(|| out["jobId"].as_str())
         .unwrap_or_else(|| panic!("no job id: {out}"))
         .to_string();
-    let job = wait_final(&setup, &job_id, Duration::from_secs(30));
+    let job = setup.wait_final(&job_id, Duration::from_secs(30));
     assert_ne!(job["status"], "succeeded", "{job}");
     let reason = job["reason"]
         .as_str()
@@ -931,7 +890,7 @@ fn a_run_disk_filling_up_mid_launch_fails_it_without_a_torn_line() {
     assert_eq!(code, 1, "the launch fails: {out}{err}");
     let out: Value = serde_json::from_str(&out).unwrap();
     let job_id = out["job"]["jobId"].as_str().unwrap().to_string();
-    let job = wait_final(&setup, &job_id, Duration::from_secs(30));
+    let job = setup.wait_final(&job_id, Duration::from_secs(30));
     assert_eq!(job["status"], "failed", "{job}");
     let reason = job["result"]["error"]
         .as_str()
@@ -1084,7 +1043,7 @@ fn a_stalled_controller_bounds_the_agent_backlog_and_memory_and_loses_nothing() 
         "agent RSS grew to {max_rss} KiB while the controller was stalled"
     );
     drop(resume);
-    let done = wait_final(&setup, &job_id, Duration::from_secs(120));
+    let done = setup.wait_final(&job_id, Duration::from_secs(120));
     assert_eq!(done["status"], "succeeded", "{done}");
     let events = exactly_once(&setup, &job_id);
     let seen = log_lines(&events)
@@ -1120,7 +1079,7 @@ fn a_hanging_build_is_stopped_at_its_deadline_and_says_so() {
     let marker = format!("hanging-{}", site.uid);
     let commit = site.commit("hangs", &format!("RUN echo {marker} && sleep 300\n"));
     let job_id = site.apply(&commit);
-    let job = wait_final(&site.setup, &job_id, Duration::from_secs(120));
+    let job = site.setup.wait_final(&job_id, Duration::from_secs(120));
     assert_eq!(job["status"], "failed", "{job}");
     let reason = job["result"]["error"]
         .as_str()
@@ -1160,7 +1119,7 @@ fn a_hanging_build_is_stopped_at_its_deadline_and_says_so() {
         "5000",
     ]);
     let probe_id = probe["jobId"].as_str().unwrap();
-    let done = wait_final(&site.setup, probe_id, Duration::from_secs(60));
+    let done = site.setup.wait_final(probe_id, Duration::from_secs(60));
     assert_eq!(done["status"], "timed-out", "{done}");
     let why = done["result"]["error"].as_str().unwrap_or_default();
     assert!(why.contains("deadline passed"), "{done}");
@@ -1248,7 +1207,7 @@ fn two_hundred_launches_across_two_agents_all_finish_while_the_controller_answer
             .flat_map(|h| h.join().unwrap())
             .collect();
         for id in &ids {
-            wait_final(&setup, id, Duration::from_secs(120));
+            setup.wait_final(id, Duration::from_secs(120));
         }
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         (ids, watcher.join().unwrap())

@@ -738,15 +738,7 @@ fn launch_and_wait(setup: &Setup, rt: &tokio::runtime::Runtime, spec: Value) -> 
         .as_str()
         .unwrap_or_else(|| panic!("no jobId in {data}"))
         .to_string();
-    wait_for(
-        &format!("job {job_id} to end"),
-        Duration::from_secs(90),
-        || {
-            let job = setup.job(&job_id);
-            let status = job["status"].as_str().unwrap_or("").to_string();
-            (!["", "queued", "dispatched", "running"].contains(&status.as_str())).then_some(job)
-        },
-    )
+    setup.wait_final(&job_id, Duration::from_secs(90))
 }
 
 /// Whether a hostile field's value must be named in the failure: fields the agent checks

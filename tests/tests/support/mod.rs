@@ -43,16 +43,11 @@ const PORTS: std::ops::Range<u16> = 20000..32000;
 /// run; the start depends on the process id, so two test runs on one machine rarely meet.
 fn free_ports(n: u16) -> u16 {
     use std::sync::atomic::AtomicU32;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    static NEXT: AtomicU32 = AtomicU32::new(0);
     let span = u32::from(PORTS.end - PORTS.start);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7919) % span,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
+    let start = std::process::id().wrapping_mul(7919);
     for _ in 0..span {
-        let offset = NEXT.fetch_add(u32::from(n), Ordering::SeqCst) % span;
+        let offset = start.wrapping_add(NEXT.fetch_add(u32::from(n), Ordering::SeqCst)) % span;
         let Some(first) = u16::try_from(offset)
             .ok()
             .map(|o| PORTS.start + o)
@@ -91,17 +86,36 @@ pub fn started_steps(events: &[Value]) -> Vec<String> {
 
 /// Polls `f` until it returns `Some`, failing the test after `limit` with `what`.
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, limit, || f().ok_or(()), |()| String::new())
+}
+
+/// Polls `poll` until it returns `Ok`, failing the test after `limit` with `what` and, from
+/// the last `Err`, `describe`'s account of where things stood (computed only then).
+pub fn wait_until<T, S>(
+    what: &str,
+    limit: Duration,
+    mut poll: impl FnMut() -> Result<T, S>,
+    describe: impl FnOnce(S) -> String,
+) -> T {
     let until = Instant::now() + limit;
     loop {
-        if let Some(v) = f() {
-            return v;
+        match poll() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= until => {
+                panic!(
+                    "timed out after {limit:?} waiting for {what}{}",
+                    describe(last)
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
-        assert!(
-            Instant::now() < until,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether a stored job record is final, by the controller's own rule.
+pub fn is_final(job: &Value) -> bool {
+    serde_json::from_value::<unidesk_controller::store::JobStatus>(job["status"].clone())
+        .is_ok_and(|s| s.is_final())
 }
 
 /// A running process whose stderr goes to a file; killed on drop.
@@ -295,6 +309,27 @@ impl Setup {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// Waits until a job's stored record is final; the record. On timeout the failure shows
+    /// the record and the job's last stored events.
+    pub fn wait_final(&self, job_id: &str, limit: Duration) -> Value {
+        wait_until(
+            &format!("job {job_id} to end"),
+            limit,
+            || {
+                let job = self.job(job_id);
+                if is_final(&job) { Ok(job) } else { Err(job) }
+            },
+            |job| {
+                let events = self.job_events(job_id);
+                let last: Vec<String> = events[events.len().saturating_sub(5)..]
+                    .iter()
+                    .map(Value::to_string)
+                    .collect();
+                format!("; its record: {job}\nits last events:\n{}", last.join("\n"))
+            },
+        )
     }
 
     /// The job record as stored by the controller.
